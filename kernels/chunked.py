@@ -1,0 +1,154 @@
+"""Chunked PyTorch implementations: the CPU path, and the GPU fallback for very large k.
+
+Nothing here materializes a ``[B, n]`` tensor for the whole batch. The encoder computes the
+pre-activations of ``rows_per_chunk`` rows at a time into one reused buffer (reuse avoids the
+page faults of fresh large allocations) and selects the top k with a two-level scheme that
+reads the chunk once:
+
+1. split each row into groups of ``GROUP`` latents and take every group's maximum;
+2. keep the ``k`` groups with the largest maxima: the ``k``-th largest group maximum is a lower
+   bound on the ``k``-th largest element, so every top-k element lies in one of those groups;
+3. run an exact, stable selection over the ``k * GROUP`` surviving candidates.
+
+Selecting groups with a stable sort (ties to the smaller group) and candidates with a stable
+sort in index order keeps the "ties go to the smaller latent index" rule exactly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .reference import EMPTY
+
+GROUP = 64  # latents per group in the two-level selection
+CHUNK_ELEMENTS = 1 << 25  # pre-activation buffer size (128 MiB in fp32)
+GATHER_ELEMENTS = 1 << 23  # bound on [rows, k, d] temporaries in the backward passes
+
+
+def rows_per_chunk(n: int, B: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """Rows whose ``[rows, n]`` pre-activations fit the element budget (at least 1, at most B)."""
+    return max(1, min(B, budget // max(n, 1)))
+
+
+def _stable_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along dim 1, equal values in ascending column order. values: [R, m] -> ([R, k], [R, k])."""
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, order), order
+
+
+def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row of ``pre[R, n]`` with ties to the smaller index, in one pass over pre.
+
+    Returns (top values [R, k] in pre's dtype, sorted descending; column indices [R, k] int64).
+    """
+    R, n = pre.shape
+    n_full = (n // GROUP) * GROUP
+    n_groups = n_full // GROUP + (n > n_full)
+    if n_groups <= k:
+        return _stable_topk(pre, k)
+    group_max = pre[:, :n_full].unflatten(1, (n_full // GROUP, GROUP)).amax(dim=2)
+    if n > n_full:
+        group_max = torch.cat([group_max, pre[:, n_full:].amax(dim=1, keepdim=True)], dim=1)
+    groups = _stable_topk(group_max, k)[1]
+    groups = groups.sort(dim=1).values  # ascending, so candidates come in index order
+    cols = (groups.unsqueeze(2) * GROUP + torch.arange(GROUP, device=pre.device)).flatten(1)
+    beyond = cols >= n  # only the short last group reaches past n
+    candidates = pre.gather(1, cols.clamp_max(n - 1)).masked_fill(beyond, float("-inf"))
+    top, pos = _stable_topk(candidates, k)
+    return top, cols.gather(1, pos)
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    latent_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked fused-in-spirit top-k encoder. x: [B, d], W_enc: [n, d], b_enc: [n] -> ([B, k], [B, k]).
+
+    The GEMM runs in x's dtype (bf16 uses the CPU's bf16 matrix units); selection happens on
+    the GEMM's output, so bf16 inputs select on bf16-rounded pre-activations.
+    """
+    B, n = x.shape[0], W_enc.shape[0]
+    bias = b_enc.to(x.dtype)
+    if latent_mask is not None:
+        # Masked latents get -inf through the bias, so the GEMM itself excludes them.
+        bias = bias.masked_fill(~latent_mask.bool(), float("-inf"))
+    rows = rows_per_chunk(n, B)
+    buffer = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    values = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
+    W_t = W_enc.T
+    for start in range(0, B, rows):
+        stop = min(start + rows, B)
+        pre = buffer[: stop - start]
+        torch.addmm(bias, x[start:stop], W_t, out=pre)
+        top, idx = select_topk(pre, k)
+        values[start:stop] = top
+        indices[start:stop] = idx
+    empty = torch.isneginf(values)
+    indices.masked_fill_(empty, EMPTY)
+    values.clamp_(min=0).masked_fill_(empty, 0)
+    return values, indices
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``out[b] = sum_j values[b, j] * W[indices[b, j]]``, empty slots skipped. -> [B, d].
+
+    embedding_bag gathers and sums rows without building the [B, k, d] tensor.
+    """
+    out_dtype = torch.promote_types(values.dtype, W.dtype)
+    weights = (values * (indices >= 0)).to(W.dtype)
+    out = F.embedding_bag(indices.clamp_min(0), W, per_sample_weights=weights, mode="sum")
+    return out.to(out_dtype)
+
+
+def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``dot(g[b], W[indices[b, j]])`` in fp32, 0 for empty slots. g: [B, d] -> [B, k]."""
+    B, k = indices.shape
+    d = W.shape[1]
+    out = torch.empty(B, k, dtype=torch.float32, device=g.device)
+    rows = max(1, GATHER_ELEMENTS // max(k * d, 1))
+    for start in range(0, B, rows):
+        stop = min(start + rows, B)
+        idx = indices[start:stop]
+        gathered = W[idx.clamp_min(0)].float()  # [rows, k, d]
+        dots = torch.bmm(gathered, g[start:stop].float().unsqueeze(2)).squeeze(2)
+        out[start:stop] = dots * (idx >= 0)
+    return out
+
+
+def segment_rows(
+    coeff: torch.Tensor, indices: torch.Tensor, src: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse-transpose product over the rows that were selected.
+
+    ``grads[u] = sum_{(b, j): indices[b, j] == rows[u]} coeff[b, j] * src[b]`` and
+    ``coeff_sums[u] = sum of those coeff``. coeff, indices: [B, k]; src: [B, d] ->
+    (rows [U] int64 ascending, grads [U, d] fp32, coeff_sums [U] fp32).
+    A CSR matrix [U, B] times src: each output row is summed by one thread in a fixed order,
+    so the result is deterministic.
+    """
+    B, k = indices.shape
+    flat = indices.reshape(-1)
+    keep = flat >= 0
+    flat = flat[keep]
+    tokens = torch.arange(B, device=src.device).repeat_interleave(k)[keep]
+    weights = coeff.reshape(-1).float()[keep]
+    rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    U = rows.numel()
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=U)
+    crow = torch.zeros(U + 1, dtype=torch.int64, device=src.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            crow, tokens[order], weights[order], size=(U, B), check_invariants=False
+        )
+        grads = matrix @ src.float()
+    coeff_sums = torch.zeros(U, dtype=torch.float32, device=src.device).index_add_(0, inverse, weights)
+    return rows, grads, coeff_sums

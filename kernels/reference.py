@@ -1,0 +1,51 @@
+"""Plain-PyTorch reference implementations: the oracle every fast path is tested against.
+
+They materialize the full ``[B, n]`` pre-activations, so they are only for small shapes.
+Semantics shared by every implementation:
+
+* ``topk_encode``: per row, the ``k`` largest pre-activations ``x @ W_enc.T + b_enc``
+  (computed in fp32) among latents whose ``latent_mask`` entry is true, sorted descending,
+  passed through ReLU and cast to ``x.dtype``. Ties go to the smaller latent index. When
+  fewer than ``k`` latents are eligible, the remaining slots hold value 0 and index -1.
+* ``sparse_decode``: ``out[b] = sum_j values[b, j] * W_dec[indices[b, j]]``; slots with
+  index -1 contribute nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+EMPTY = -1  # index of an empty slot in a sparse code
+
+
+def _topk_lowest_index_on_ties(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along dim 1 where equal values are ordered by ascending index. pre: [B, n] fp32."""
+    # A stable descending sort keeps equal values in index order.
+    order = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
+    return pre.gather(1, order), order
+
+
+def topk_encode_ref(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    latent_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference top-k encoder. x: [B, d], W_enc: [n, d], b_enc: [n] -> ([B, k], [B, k] int64)."""
+    pre = x.float() @ W_enc.float().T + b_enc.float()
+    if latent_mask is not None:
+        pre = pre.masked_fill(~latent_mask.bool(), float("-inf"))
+    top, idx = _topk_lowest_index_on_ties(pre, k)
+    empty = torch.isneginf(top)
+    idx = idx.masked_fill(empty, EMPTY)
+    values = top.clamp_min(0).masked_fill(empty, 0).to(x.dtype)
+    return values, idx
+
+
+def sparse_decode_ref(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Reference decoder. values, indices: [B, k], W_dec: [n, d] -> [B, d] in the promoted dtype."""
+    out_dtype = torch.promote_types(values.dtype, W_dec.dtype)
+    valid = indices >= 0
+    rows = W_dec.float()[indices.clamp_min(0)]  # [B, k, d]
+    coeff = values.float() * valid
+    return torch.einsum("bk,bkd->bd", coeff, rows).to(out_dtype)
