@@ -1,0 +1,95 @@
+"""Activation sources for the ring buffer: in-memory arrays, memory-mapped shards, synthetic data.
+
+Each source yields chunks ``[m, d]`` from a given vector offset (``iter_from``), which is what
+lets a restored ring buffer continue exactly where a checkpoint left it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ArraySource:
+    """Vectors held in memory: a tensor or numpy array ``[N, d]`` served in chunks."""
+
+    def __init__(self, data: torch.Tensor | np.ndarray, chunk_size: int = 4096) -> None:
+        self.data = torch.as_tensor(data)
+        if self.data.dim() != 2:
+            raise ValueError(f"activation array must be [N, d], got shape {tuple(self.data.shape)}")
+        self.d = self.data.shape[1]
+        self.chunk_size = chunk_size
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        for lo in range(start, len(self), self.chunk_size):
+            yield self.data[lo : lo + self.chunk_size]
+
+
+class ShardSource:
+    """Vectors stored as ``.npy`` shards ``[N_i, d]``, memory-mapped and read in order."""
+
+    def __init__(self, paths: Sequence[str | Path], chunk_size: int = 4096) -> None:
+        if not paths:
+            raise ValueError("no activation shards given")
+        self.shards = []
+        for path in map(Path, paths):
+            if not path.exists():
+                raise FileNotFoundError(f"activation shard not found: {path}")
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as error:
+                raise ValueError(f"cannot read activation shard {path}: {error}") from error
+            if array.ndim != 2:
+                raise ValueError(f"activation shard {path} must be [N, d], got shape {array.shape}")
+            self.shards.append((path, array))
+        widths = {array.shape[1] for _, array in self.shards}
+        if len(widths) != 1:
+            listed = ", ".join(f"{path.name}: d={array.shape[1]}" for path, array in self.shards)
+            raise ValueError(f"activation shards disagree on d: {listed}")
+        self.d = widths.pop()
+        self.chunk_size = chunk_size
+
+    def __len__(self) -> int:
+        return sum(array.shape[0] for _, array in self.shards)
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        offset = 0
+        for _, array in self.shards:
+            rows = array.shape[0]
+            lo = max(start - offset, 0)
+            for chunk_lo in range(lo, rows, self.chunk_size):
+                # np.array copies the slice out of the read-only map.
+                yield torch.from_numpy(np.array(array[chunk_lo : chunk_lo + self.chunk_size]))
+            offset += rows
+
+
+class SyntheticSource:
+    """Reproducible random vectors for benchmarks: chunk ``i`` depends only on (seed, i).
+
+    A low-rank-plus-noise model gives the vectors some structure, like real activations.
+    """
+
+    def __init__(self, d: int, total: int, seed: int = 0, chunk_size: int = 4096, rank: int = 16) -> None:
+        self.d, self.total, self.seed, self.chunk_size = d, total, seed, chunk_size
+        basis_rng = torch.Generator().manual_seed(seed)
+        self.basis = torch.randn(rank, d, generator=basis_rng)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _chunk(self, index: int) -> torch.Tensor:
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
+        m = min(self.chunk_size, self.total - index * self.chunk_size)
+        coeff = torch.randn(m, self.basis.shape[0], generator=rng)
+        return coeff @ self.basis + 0.1 * torch.randn(m, self.d, generator=rng)
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        first = start // self.chunk_size
+        for index in range(first, -(-self.total // self.chunk_size)):
+            chunk = self._chunk(index)
+            yield chunk[start - index * self.chunk_size :] if index == first else chunk
