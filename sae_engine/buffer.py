@@ -16,19 +16,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 
-
-class ActivationSource(Protocol):
-    """Anything that yields activation chunks ``[m, d]`` starting at a given vector offset."""
-
-    d: int
-
-    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
-        """Chunks of the source from vector ``start`` on; shapes [m, d], m >= 1."""
-        ...
+from .sources import ActivationSource
 
 
 class RingBuffer:

@@ -7,9 +7,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+
+
+class ActivationSource(Protocol):
+    """Anything that yields activation chunks ``[m, d]`` starting at a given vector offset."""
+
+    d: int
+
+    def __len__(self) -> int:
+        """Number of vectors (the end of data)."""
+        ...
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        """Chunks of the source from vector ``start`` on; shapes [m, d], m >= 1."""
+        ...
 
 
 class ArraySource:

@@ -1,0 +1,215 @@
+"""Run configuration: dataclasses loadable from TOML and overridable with ``key=value`` strings.
+
+A run config has three sections, ``[model]``, ``[data]`` and ``[train]``; see
+``examples/*.toml`` for documented examples. Every check happens before any work starts, and
+each failure names the offending key and value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, with the key and the value in the message."""
+
+
+@dataclass
+class ModelConfig:
+    """The autoencoder: shapes, sparsity and its auxiliary losses."""
+
+    d_in: int = 320
+    n_latents: int = 10240
+    k: int = 32
+    kind: str = "topk"  # "topk" (per-row top k) or "batchtopk" (top B*k over the batch)
+    d_out: int | None = None  # transcoders: width of the target; None = an SAE (target = input)
+    skip_connection: bool = False  # transcoders: add a learned linear map of the input
+    normalize: str = "dataset"  # "dataset" (one scale to unit mean squared norm), "layernorm", "none"
+    b_dec_init: str = "geometric_median"  # "geometric_median", "mean" or "zeros"
+    k_aux: int | None = None  # AuxK latents; None = d_in // 2
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+    multi_topk: bool = False  # add the Multi-TopK loss at 4k (weight 1/8)
+    batchtopk_row_cap: int | None = None  # candidates per row for BatchTopK; None = 4k
+
+    @property
+    def target_dim(self) -> int:
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None
+
+    @property
+    def aux_k(self) -> int:
+        return min(self.k_aux if self.k_aux is not None else self.d_in // 2, self.n_latents)
+
+    @property
+    def row_cap(self) -> int:
+        return min(self.batchtopk_row_cap or 4 * self.k, self.n_latents)
+
+
+@dataclass
+class DataConfig:
+    """Where activations come from and how they are buffered."""
+
+    source: str = "synthetic"  # "synthetic", "shards" (.npy files) or "esm" (its own issue)
+    paths: list[str] = field(default_factory=list)  # shard files for source = "shards"
+    target_paths: list[str] = field(default_factory=list)  # transcoder targets, aligned with paths
+    synthetic_tokens: int = 1_000_000
+    buffer_size: int = 262_144  # vectors held by the ring buffer
+    eval_tokens: int = 8192  # held out from the start of the source for evaluation
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpoints."""
+
+    backend: str = "torch"  # "torch" or "jax"
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    precision: str = "auto"  # "auto" (bf16 compute), "bf16" or "fp32"
+    batch_size: int = 4096
+    max_tokens: int | None = None  # None = until the data ends
+    lr: float | None = None  # None = 2e-4 / sqrt(n_latents / 16384), as Gao et al. scale it
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 100
+    decay: str = "constant"  # "constant", "linear" or "cosine" after warmup
+    decay_start: float = 0.8  # fraction of training where decay begins
+    grad_clip: float | None = 1.0  # global gradient norm bound; None = off
+    optimizer: str = "adam"  # "adam" (dense) or "row_sparse_adam" (touched rows only)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/sae"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], origin: str = "config") -> RunConfig:
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"{origin}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
+        built = {}
+        for name, kind in sections.items():
+            values = dict(raw.get(name, {}))
+            known = {f.name for f in dataclasses.fields(kind)}
+            extra = set(values) - known
+            if extra:
+                raise ConfigError(f"{origin}: unknown key(s) {sorted(extra)} in [{name}]; known: {sorted(known)}")
+            built[name] = kind(**values)
+        config = cls(**built)
+        config.validate(origin)
+        return config
+
+    def validate(self, origin: str = "config") -> None:
+        m, d, t = self.model, self.data, self.train
+
+        def fail(key: str, value: Any, why: str) -> None:
+            raise ConfigError(f"{origin}: {key} = {value!r}: {why}")
+
+        for key, value in (("model.d_in", m.d_in), ("model.n_latents", m.n_latents), ("model.k", m.k),
+                           ("train.batch_size", t.batch_size), ("data.buffer_size", d.buffer_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(key, value, "must be a positive integer")
+        if m.k > m.n_latents:
+            fail("model.k", m.k, f"must not exceed model.n_latents = {m.n_latents}")
+        if m.d_out is not None and m.d_out < 1:
+            fail("model.d_out", m.d_out, "must be a positive integer or absent")
+        if m.skip_connection and not m.is_transcoder:
+            fail("model.skip_connection", True, "needs a transcoder (set model.d_out)")
+        choices = {
+            "model.kind": (m.kind, ("topk", "batchtopk")),
+            "model.normalize": (m.normalize, ("dataset", "layernorm", "none")),
+            "model.b_dec_init": (m.b_dec_init, ("geometric_median", "mean", "zeros")),
+            "data.source": (d.source, ("synthetic", "shards", "esm")),
+            "train.backend": (t.backend, ("torch", "jax")),
+            "train.device": (t.device, ("auto", "cpu", "cuda")),
+            "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+            "train.decay": (t.decay, ("constant", "linear", "cosine")),
+            "train.optimizer": (t.optimizer, ("adam", "row_sparse_adam")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                fail(key, value, f"must be one of {list(allowed)}")
+        if d.source == "shards":
+            if not d.paths:
+                fail("data.paths", d.paths, "source = 'shards' needs at least one .npy file")
+            for path in d.paths + d.target_paths:
+                if not Path(path).exists():
+                    fail("data.paths", path, "file not found")
+            if m.is_transcoder and len(d.target_paths) != len(d.paths):
+                fail("data.target_paths", d.target_paths, f"a transcoder needs one target shard per input shard ({len(d.paths)})")
+        if d.eval_tokens < 0:
+            fail("data.eval_tokens", d.eval_tokens, "must be >= 0")
+        if d.buffer_size < 2 * t.batch_size:
+            fail("data.buffer_size", d.buffer_size, f"must hold at least two batches (2 x {t.batch_size})")
+        if t.lr is not None and not t.lr > 0:
+            fail("train.lr", t.lr, "must be positive")
+        if t.grad_clip is not None and not t.grad_clip > 0:
+            fail("train.grad_clip", t.grad_clip, "must be positive or absent")
+        if not 0 <= t.decay_start <= 1:
+            fail("train.decay_start", t.decay_start, "must be in [0, 1]")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 2e-4 / (self.model.n_latents / 2**14) ** 0.5
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value as TOML would read it; bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config dict (returns a new dict)."""
+    merged = {section: dict(values) for section, values in raw.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+        key, text = item.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        merged.setdefault(section, {})[name] = _parse_value(text.strip())
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (or the defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    return RunConfig.from_dict(apply_overrides(raw, overrides or []), origin)

@@ -1,0 +1,341 @@
+"""The PyTorch backend: parameters, the training step with a hand-written sparse backward, Adam.
+
+Model (all shapes in latents n, input width d_in, target width d_out):
+    W_enc [n, d_in], b_enc [n], W_dec [n, d_out] (unit-norm rows), b_dec [d_out],
+    W_skip [d_out, d_in] for transcoders with a skip connection.
+    SAE:        z = TopK(W_enc (x - b_dec) + b_enc);  x_hat = W_dec^T z + b_dec
+    transcoder: z = TopK(W_enc x + b_enc);            y_hat = W_dec^T z + b_dec (+ W_skip x)
+Losses: FVU (squared error over the target's total variance); AuxK on dead latents (reconstruct
+the residual with the top ``k_aux`` dead latents, Gao et al. 2024); optional Multi-TopK at 4k.
+BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row's top
+``row_cap`` candidates, so no [B, n] tensor is built.
+
+The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
+out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
+"""
+from __future__ import annotations
+
+import torch
+
+import sae_kernels
+from sae_kernels import EMPTY, RowSparseGrad
+
+from .config import RunConfig
+from .init import geometric_median, layer_normalize, mean_squared_norm_scale
+from .optim import Adam
+
+ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
+
+
+def _pad_to(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
+    """Pad [B, k] on the right to [B, width]."""
+    if t.shape[1] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate sparse codes along the batch, padding to a common k with empty slots."""
+    width = max(v.shape[1] for v, _ in codes)
+    values = torch.cat([_pad_to(v.float(), width, 0.0) for v, _ in codes])
+    indices = torch.cat([_pad_to(i, width, EMPTY) for _, i in codes])
+    return values, indices
+
+
+class TorchSAE:
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device."""
+
+    def __init__(self, config: RunConfig, device: torch.device, generator: torch.Generator | None = None) -> None:
+        self.config = config
+        self.device = device
+        m = config.model
+        self.compute_dtype = torch.float32 if config.train.precision == "fp32" else torch.bfloat16
+        gen = generator or torch.Generator().manual_seed(config.train.seed)
+        n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
+        W_dec = torch.randn(n, d_out, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        # Gao et al.: the encoder starts as the decoder's transpose (rows here), for SAEs.
+        if m.is_transcoder:
+            W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5
+        else:
+            W_enc = W_dec.clone()
+        self.params: dict[str, torch.Tensor] = {
+            "W_enc": W_enc,
+            "b_enc": torch.zeros(n),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(d_out),
+        }
+        if m.skip_connection:
+            self.params["W_skip"] = torch.zeros(d_out, d_in)
+        self.params = {name: p.to(device) for name, p in self.params.items()}
+        self.buffers: dict[str, torch.Tensor] = {
+            # Tokens since each latent last fired; slot n absorbs empty and zero-valued slots.
+            "since_fired": torch.zeros(n + 1, dtype=torch.int64, device=device),
+            "fire_count": torch.zeros(n + 1, dtype=torch.int64, device=device),
+            "in_scale": torch.ones((), device=device),
+            "out_scale": torch.ones((), device=device),
+            "batchtopk_threshold": torch.zeros((), device=device),
+        }
+        self.optimizer = Adam(self.params, config.train.adam_b1, config.train.adam_b2, config.train.adam_eps)
+        self.aux_active = True  # refreshed from the dead count by the loop, without a sync each step
+
+    # -- initialisation ----------------------------------------------------------------------
+
+    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data-dependent init from a sample: normalisation scales and b_dec. x: [N, d_in], y: [N, d_out]."""
+        m = self.config.model
+        if m.normalize == "dataset":
+            self.buffers["in_scale"].fill_(mean_squared_norm_scale(x))
+            self.buffers["out_scale"].fill_(mean_squared_norm_scale(y) if m.is_transcoder else self.buffers["in_scale"].item())
+        target = self._norm_out(y.to(self.device))
+        if m.b_dec_init == "geometric_median":
+            self.params["b_dec"].copy_(geometric_median(target))
+        elif m.b_dec_init == "mean":
+            self.params["b_dec"].copy_(target.mean(dim=0))
+
+    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.model.normalize == "layernorm":
+            return layer_normalize(x)
+        return x.float() * self.buffers["in_scale"]
+
+    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
+        if self.config.model.normalize == "layernorm":
+            return layer_normalize(y)
+        return y.float() * self.buffers["out_scale"]
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def _encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
+        return xn if self.config.model.is_transcoder else xn - self.params["b_dec"]
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder weight, encoder bias and decoder weight in the compute dtype."""
+        cd = self.compute_dtype
+        return self.params["W_enc"].to(cd), self.params["b_enc"].to(cd), self.params["W_dec"].to(cd)
+
+    def _encode(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, training: bool):
+        """Sparse code of the encoder input. -> values [B, k'], indices [B, k'] (k' >= k)."""
+        m = self.config.model
+        kind_k = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
+        kind_k = min(kind_k, m.n_latents)
+        values, indices = sae_kernels.topk_encode(x_c.to(self.compute_dtype), W_enc, b_enc, kind_k)
+        if m.kind == "batchtopk":
+            values, indices = self._batch_topk(values, indices, training)
+        return values, indices
+
+    def _batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool):
+        """Keep the B*k largest values of the batch (training) or those above the learned threshold."""
+        B = values.shape[0]
+        if training:
+            budget = min(B * self.config.model.k, values.numel())
+            cutoff = values.flatten().float().topk(budget, sorted=False).values.min()
+            keep = values.float() >= cutoff
+            # The inference threshold: running mean of the smallest kept positive value.
+            smallest = torch.where(keep & (values > 0), values.float(), torch.inf).min()
+            threshold = self.buffers["batchtopk_threshold"]
+            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
+        else:
+            keep = values.float() >= self.buffers["batchtopk_threshold"]
+        return values * keep, indices.masked_fill(~keep, EMPTY)
+
+    def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
+        out = sae_kernels.sparse_decode(values, indices, W_dec).float() + self.params["b_dec"]
+        if "W_skip" in self.params:
+            out = out + xn @ self.params["W_skip"].T
+        return out
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse code of raw activations x [B, d_in] (inference). -> values, indices [B, k']."""
+        xn = self._norm_in(x.to(self.device))
+        W_enc, b_enc, _ = self._weights()
+        return self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """FVU and L0 on held-out data (no training-time BatchTopK statistics)."""
+        xn, yn = self._norm_in(x.to(self.device)), self._norm_out(y.to(self.device))
+        W_enc, b_enc, W_dec = self._weights()
+        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+        if self.config.model.multi_topk and self.config.model.kind == "topk":
+            values, indices = values[:, : self.config.model.k], indices[:, : self.config.model.k]
+        recon = self._decode(values, indices, W_dec, xn)
+        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
+        return {
+            "eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
+            "eval_l0": (values > 0).sum(dim=1).float().mean().item(),
+        }
+
+    # -- the training step -----------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out].
+
+        Returns metrics as 0-d tensors so the caller decides when to synchronise.
+        """
+        metrics, grads, (values, indices) = self.loss_and_grads(x, y)
+        self._apply(grads, lr)
+        self._track_firing(values, indices, x.shape[0])
+        return metrics
+
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward and sparse backward without touching the parameters.
+
+        Returns (metrics, grads by parameter name (W_enc and W_dec row-sparse, W_enc's carrying
+        b_enc's), the main code (values, indices) [B, k]).
+        """
+        m = self.config.model
+        n, k = m.n_latents, m.k
+        xn, yn = self._norm_in(x), self._norm_out(y)
+        x_c = self._encoder_input(xn)
+        W_enc, b_enc, W_dec = self._weights()
+
+        values, indices = self._encode(x_c, W_enc, b_enc, training=True)
+        main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
+        recon = self._decode(main_values, main_indices, W_dec, xn)
+        error = recon - yn
+        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
+        fvu = error.pow(2).sum() / total_variance
+        loss = fvu
+
+        # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code).
+        g_recon = error * (2 / total_variance)
+        dec_terms = [(g_recon, main_values, main_indices, True)]
+        if m.multi_topk:
+            error_multi = self._decode(values, indices, W_dec, xn) - yn
+            loss = loss + error_multi.pow(2).sum() / total_variance / 8
+            dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
+        aux_loss = torch.zeros((), device=self.device)
+        if self.aux_active and m.aux_coef > 0:
+            dead = self.buffers["since_fired"][:n] > m.dead_tokens
+            aux_values, aux_indices = sae_kernels.topk_encode(
+                x_c.to(self.compute_dtype), W_enc, b_enc, m.aux_k, latent_mask=dead
+            )
+            aux_recon = sae_kernels.sparse_decode(aux_values, aux_indices, W_dec).float()
+            residual = error.detach()
+            residual_variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            aux_error = aux_recon - residual
+            aux_loss = aux_error.pow(2).sum() / residual_variance
+            loss = loss + m.aux_coef * aux_loss
+            dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
+
+        grads = self._backward(xn, x_c, W_enc, W_dec, values, indices, dec_terms)
+        metrics = {
+            "loss": loss,
+            "fvu": fvu,
+            "aux_loss": aux_loss,
+            "l0": (main_values > 0).sum(dim=1).float().mean(),
+        }
+        return metrics, grads, (main_values, main_indices)
+
+    def _backward(self, xn, x_c, W_enc, W_dec, values, indices, dec_terms):
+        """Sparse backward through every reconstruction term, then the encoder. -> grads by name.
+
+        dec_terms: (gradient w.r.t. the term's output [B, d_out], its values, its indices, whether
+        it reads the shared code). The main and Multi-TopK terms read the shared code (`values`,
+        `indices`; main uses its first k slots), the AuxK term its own.
+        """
+        B = xn.shape[0]
+        grads: dict[str, torch.Tensor | RowSparseGrad] = {}
+        # b_dec and W_skip enter the main and Multi-TopK reconstructions, not the AuxK one.
+        g_shared_out = sum(g for g, _, _, shared in dec_terms if shared)
+        grads["b_dec"] = g_shared_out.sum(dim=0)
+        if "W_skip" in self.params:
+            grads["W_skip"] = g_shared_out.T @ xn
+        # Decoder: all terms stacked along the batch, one gather-dot and one segmented reduction.
+        dec_values, dec_indices = _stack_codes([(v, idx) for _, v, idx, _ in dec_terms])
+        sources = torch.cat([g for g, _, _, _ in dec_terms])
+        dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, W_dec)
+        grads["W_dec"] = self._remove_parallel(dec.W_dec)
+        # Encoder: gradients w.r.t. each code, side by side along k (they share input rows).
+        g_shared = torch.zeros(values.shape, device=self.device)
+        codes = [(values, indices, g_shared)]
+        for (_, v, idx, shared), g_v in zip(dec_terms, dec.dvalues.split(B)):
+            g_v = g_v[:, : v.shape[1]]
+            if shared:
+                g_shared[:, : v.shape[1]] += g_v
+            else:
+                codes.append((v, idx, g_v))
+        enc = sae_kernels.topk_encode_backward(
+            torch.cat([g for _, _, g in codes], dim=1),
+            torch.cat([v.float() for v, _, _ in codes], dim=1),
+            torch.cat([i for _, i, _ in codes], dim=1),
+            x_c,
+            W_enc,
+        )
+        grads["W_enc"] = enc.W_enc
+        if not self.config.model.is_transcoder:
+            grads["b_dec"] = grads["b_dec"] - enc.dx.sum(dim=0)  # x_c = x - b_dec
+        return grads
+
+    def _remove_parallel(self, grad: RowSparseGrad) -> RowSparseGrad:
+        """Project out each decoder row's component along the row (the rows stay unit-norm)."""
+        rows = self.params["W_dec"][grad.rows]
+        g = grad.grad - (grad.grad * rows).sum(dim=1, keepdim=True) * rows
+        return RowSparseGrad(grad.rows, g)
+
+    def _apply(self, grads, lr: float) -> None:
+        t = self.config.train
+        if t.grad_clip is not None:
+            squares = [grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
+                       grads["W_dec"].grad.pow(2).sum(), grads["b_dec"].pow(2).sum()]
+            if "W_skip" in grads:
+                squares.append(grads["W_skip"].pow(2).sum())
+            norm = torch.stack(squares).sum().sqrt()
+            # optax.clip_by_global_norm: scale by bound / norm only when the norm exceeds it.
+            factor = torch.where(norm > t.grad_clip, t.grad_clip / norm, torch.ones_like(norm))
+        else:
+            factor = None
+        opt = self.optimizer
+        opt.begin_step()
+        enc, dec = grads["W_enc"], grads["W_dec"]
+        row_grads = {"W_enc": (enc.rows, enc.grad), "b_enc": (enc.rows, enc.bias_grad), "W_dec": (dec.rows, dec.grad)}
+        for name, (rows, g) in row_grads.items():
+            g = g * factor if factor is not None else g
+            if t.optimizer == "row_sparse_adam":
+                opt.step_rows(name, rows, g, lr)
+            else:
+                dense = torch.zeros_like(self.params[name])
+                opt.step(name, dense.index_copy_(0, rows, g), lr)
+        for name in ("b_dec", "W_skip"):
+            if name in grads:
+                g = grads[name] * factor if factor is not None else grads[name]
+                opt.step(name, g, lr)
+        W_dec = self.params["W_dec"]
+        if t.optimizer == "row_sparse_adam":
+            rows = dec.rows
+            W_dec.index_copy_(0, rows, torch.nn.functional.normalize(W_dec[rows], dim=1))
+        else:
+            W_dec.copy_(torch.nn.functional.normalize(W_dec, dim=1))
+
+    def _track_firing(self, values: torch.Tensor, indices: torch.Tensor, batch: int) -> None:
+        n = self.config.model.n_latents
+        fired = torch.where((values > 0) & (indices >= 0), indices, n).flatten()
+        self.buffers["since_fired"].add_(batch).index_fill_(0, fired, 0)
+        self.buffers["fire_count"].index_add_(0, fired, torch.ones_like(fired))
+
+    # -- statistics and state ------------------------------------------------------------------
+
+    def latent_stats(self, tokens: int) -> dict[str, float]:
+        """Dead and dense fractions (host sync); resets the firing counts of the window."""
+        m = self.config.model
+        dead = (self.buffers["since_fired"][: m.n_latents] > m.dead_tokens).float().mean().item()
+        frequency = self.buffers["fire_count"][: m.n_latents].float() / max(tokens, 1)
+        dense = (frequency > 0.1).float().mean().item()
+        self.buffers["fire_count"].zero_()
+        self.aux_active = dead > 0
+        return {"dead_fraction": dead, "dense_fraction": dense}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint needs: parameters, buffers, Adam moments."""
+        out = {f"param.{name}": p for name, p in self.params.items()}
+        out.update({f"buffer.{name}": b for name, b in self.buffers.items()})
+        out.update(self.optimizer.state_tensors())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
+        for name, p in self.params.items():
+            p.copy_(tensors[f"param.{name}"])
+        for name, b in self.buffers.items():
+            b.copy_(tensors[f"buffer.{name}"])
+        self.optimizer.load_state_tensors(tensors, adam_count)
+        self.aux_active = aux_active
