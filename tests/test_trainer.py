@@ -1,0 +1,194 @@
+"""The training loop end to end: runs, resume after kill -9, signals, bad data, bad configs."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae_engine.checkpoint import latest_checkpoint
+from sae_engine.cli import main as cli_main
+from sae_engine.config import ConfigError, load_config
+from sae_engine.trainer import TrainingError, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = [
+    "model.d_in=16", "model.n_latents=96", "model.k=4", "model.dead_tokens=512",
+    "data.synthetic_tokens=6400", "data.buffer_size=512", "data.eval_tokens=256",
+    "train.batch_size=64", "train.log_every=10", "train.eval_every=50", "train.checkpoint_every=25",
+    "train.warmup_steps=5", "train.progress=false", "train.precision='fp32'", "train.lr=1e-3",
+]
+
+
+def _config(tmp_path: Path, *extra: str):
+    return load_config(None, SMALL + [f"train.out_dir='{tmp_path / 'run'}'", *extra])
+
+
+def test_training_run_logs_evaluates_checkpoints_and_plots(tmp_path):
+    result = train(_config(tmp_path))
+    run = tmp_path / "run"
+    assert result.step == 100 and result.tokens == 6400
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "fvu" in r]
+    assert [r["step"] for r in train_records] == list(range(10, 101, 10))
+    for key in ("loss", "fvu", "aux_loss", "l0", "dead_fraction", "dense_fraction", "tokens_per_s", "lr"):
+        assert all(np.isfinite(r[key]) for r in train_records), key
+    assert train_records[-1]["fvu"] < 0.5 * train_records[0]["fvu"]
+    assert all(r["l0"] <= 4 for r in train_records)
+    assert [r["step"] for r in records if "eval_fvu" in r] == [50, 100]
+    assert (run / "curves.png").stat().st_size > 10_000
+    latest = latest_checkpoint(run)
+    assert latest.name == "step_000000100"
+    model = load_file(str(latest / "model.safetensors"))
+    assert model["param.W_dec"].shape == (96, 16)
+    assert torch.allclose(model["param.W_dec"].norm(dim=1), torch.ones(96), atol=1e-5)
+    assert "adam.m.W_enc" in load_file(str(latest / "state.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.kind='batchtopk'"],
+        ["train.optimizer='row_sparse_adam'", "model.multi_topk=true"],
+        ["model.normalize='layernorm'", "train.precision='bf16'", "train.decay='linear'"],
+    ],
+)
+def test_model_variants_train(tmp_path, extra):
+    result = train(_config(tmp_path, *extra, "data.synthetic_tokens=3200"))
+    assert result.step == 50 and result.final["fvu"] < 1.0
+
+
+def test_transcoder_with_skip_connection_trains_from_shards(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((3000, 12)).astype(np.float32)
+    y = (x @ g.standard_normal((12, 10)) + 0.1 * g.standard_normal((3000, 10))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    config = _config(
+        tmp_path, "model.d_in=12", "model.d_out=10", "model.skip_connection=true", "data.source='shards'",
+        f"data.paths=['{tmp_path / 'x.npy'}']", f"data.target_paths=['{tmp_path / 'y.npy'}']", "train.lr=1e-2",
+    )
+    result = train(config)
+    assert result.step == (3000 - 256) // 64
+    model = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert model["param.W_skip"].abs().sum() > 0 and model["param.W_dec"].shape == (96, 10)
+    assert result.final["eval_fvu"] < 0.25  # y is a linear map of x plus 1% noise
+
+
+def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "sae_engine.cli", "train"]
+    for item in SMALL + [f"train.out_dir='{tmp_path / 'run'}'", *extra]:
+        args += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (run / "checkpoints" / "latest").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+LONG = ["data.synthetic_tokens=19200", "train.checkpoint_every=7", "model.n_latents=256"]
+
+
+def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    train(_config(reference_dir, *LONG))
+    reference = load_file(str(latest_checkpoint(reference_dir / "run") / "model.safetensors"))
+
+    process = _launch(tmp_path, *LONG)
+    _wait_for_checkpoint(tmp_path / "run", process)
+    time.sleep(random.uniform(0.0, 0.5))  # any moment after the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = latest_checkpoint(tmp_path / "run").name
+
+    result = train(_config(tmp_path, *LONG))
+    assert result.step == 300
+    resumed = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert killed_at != "step_000000300"
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "fvu" in r]
+    assert steps == sorted(set(steps)), "the resumed log repeats or skips steps"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = _launch(tmp_path, *LONG)
+    _wait_for_checkpoint(tmp_path / "run", process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "interrupted" in out
+    step = int(latest_checkpoint(tmp_path / "run").name.split("_")[1])
+    assert 0 < step < 300 and f"step {step}," in out
+
+
+def test_nan_activations_stop_with_a_clear_message_and_keep_the_last_checkpoint(tmp_path):
+    data = np.random.default_rng(1).standard_normal((4000, 16)).astype(np.float32)
+    data[3500] = np.nan
+    np.save(tmp_path / "acts.npy", data)
+    config = _config(tmp_path, "data.source='shards'", f"data.paths=['{tmp_path / 'acts.npy'}']",
+                     "train.checkpoint_every=5", "data.buffer_size=256")
+    with pytest.raises(TrainingError, match=r"step \d+: the activation batch holds 16 NaN/Inf values"):
+        train(config)
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest is not None
+    assert all(torch.isfinite(t).all() for t in load_file(str(latest / "model.safetensors")).values())
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.k=200"], "model.k = 200: must not exceed model.n_latents = 96"),
+        (["model.kind='relu'"], "model.kind = 'relu': must be one of"),
+        (["data.source='shards'", "data.paths=['/nonexistent/a.npy']"], "data.paths = '/nonexistent/a.npy': file not found"),
+        (["train.typo=1"], r"unknown key\(s\) \['typo'\] in \[train\]"),
+        (["model.skip_connection=true"], "needs a transcoder"),
+        (["data.buffer_size=100"], "must hold at least two batches"),
+    ],
+)
+def test_bad_configs_get_one_clear_error(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, *overrides)
+
+
+def test_shards_of_the_wrong_width_are_named(tmp_path):
+    np.save(tmp_path / "acts.npy", np.zeros((1000, 20), np.float32))
+    config = _config(tmp_path, "data.source='shards'", f"data.paths=['{tmp_path / 'acts.npy'}']")
+    with pytest.raises(ConfigError, match="shards have d=20 but model.d_in = 16"):
+        train(config)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nk = 3\n")
+    assert cli_main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sae-engine train: error: {bad}: not valid TOML") and err.count("\n") == 1
+    assert cli_main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_example_configs_load():
+    for path in (REPO / "examples").glob("*.toml"):
+        raw_paths_ok = "shards" not in path.read_text()
+        if raw_paths_ok:
+            config = load_config(path)
+            assert config.model.k <= config.model.n_latents
