@@ -9,7 +9,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Run a benchmark suite from the source tree's bench/ folder and print its table."""
+    """Run a benchmark suite and print its results."""
+    if args.suite == "train-step":
+        from . import bench_train
+
+        return bench_train.main(args.rest)
     if not (REPO_ROOT / "bench" / "table.py").exists():
         print(f"sae-engine: benchmarks live in the source tree (bench/ beside {REPO_ROOT / 'sae_engine'});"
               " install from a checkout with `pip install -e .`", file=sys.stderr)
@@ -46,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     train.set_defaults(run=_train)
     bench = commands.add_parser("bench", help="throughput and memory benchmarks against baselines")
-    bench.add_argument("suite", choices=["kernels"], help="what to measure")
+    bench.add_argument("suite", choices=["kernels", "train-step"], help="what to measure")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help of bench.table)")
     bench.set_defaults(run=_bench)
     return parser
