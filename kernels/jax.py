@@ -458,18 +458,12 @@ def _encode_fwd_triton(
     x: Array, W_enc: Array, b_enc: Array, latent_mask: Array | None, k: int
 ) -> tuple[Array, Array]:
     jt, tk = _triton_modules()
-    import torch  # encode_config keys its tile sizes on torch dtypes
+    import torch  # the launch plan is keyed on torch dtypes
 
     B, d = x.shape
     n = W_enc.shape[0]
-    k_pad = _next_pow2(k)
-    cfg = tk.encode_config(getattr(torch, jnp.dtype(x.dtype).name), k_pad)
-    block_n = max(cfg.block_n, k_pad)
-    tiles, row_blocks = _cdiv(n, block_n), _cdiv(B, cfg.block_m)
-    # Split the latent axis so the grid holds about four programs per SM, with no empty split.
-    target = 4 * jax.devices("gpu")[0].core_count
-    splits = max(1, min(tiles, _cdiv(target, row_blocks)))
-    splits = _cdiv(tiles, _cdiv(tiles, splits))
+    # The same tiles, grid and splits the torch launcher uses (the compile test checks them).
+    plan = tk.encode_plan(B, n, k, getattr(torch, jnp.dtype(x.dtype).name), jax.devices("gpu")[0].core_count)
     bias = b_enc.astype(jnp.float32)
     if latent_mask is not None:
         bias = jnp.where(latent_mask, bias, -jnp.inf)
@@ -478,14 +472,12 @@ def _encode_fwd_triton(
         cand = jt.triton_call(
             x, W_enc, bias,
             kernel=tk._encode_topk_kernel,
-            out_type=jax.ShapeDtypeStruct((splits, B, k_pad), jnp.int64),
-            grid=(row_blocks, splits),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            B=B, n=n, d=d, k=k, tiles_per_split=_cdiv(tiles, splits),
-            HAS_BIAS=True, K_PAD=k_pad,
-            BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
-            INPUT_PRECISION="ieee" if x.dtype == jnp.float32 else "tf32",
+            out_type=jax.ShapeDtypeStruct((plan.splits, B, plan.k_pad), jnp.int64),
+            grid=plan.grid,
+            num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
+            B=B, n=n, d=d, k=k, tiles_per_split=plan.tiles_per_split,
+            **plan.constexprs,
         )
         halves = lax.bitcast_convert_type(cand, jnp.int32)
     top, idx = _merge_candidates(halves, k)

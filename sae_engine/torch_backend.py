@@ -6,7 +6,8 @@ Model (all shapes in latents n, input width d_in, target width d_out):
     SAE:        z = TopK(W_enc (x - b_dec) + b_enc);  x_hat = W_dec^T z + b_dec
     transcoder: z = TopK(W_enc x + b_enc);            y_hat = W_dec^T z + b_dec (+ W_skip x)
 Losses: FVU (squared error over the target's total variance); AuxK on dead latents (reconstruct
-the residual with the top ``k_aux`` dead latents, Gao et al. 2024); optional Multi-TopK at 4k.
+the residual with the top ``k_aux`` dead latents, Gao et al. 2024; zero when none is dead);
+optional Multi-TopK at 4k.
 BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row's top
 ``row_cap`` candidates, so no [B, n] tensor is built.
 
@@ -77,7 +78,13 @@ class TorchSAE:
             "batchtopk_threshold": torch.zeros((), device=device),
         }
         self.optimizer = Adam(self.params, config.train.adam_b1, config.train.adam_b2, config.train.adam_eps)
-        self.aux_active = True  # refreshed from the dead count by the loop, without a sync each step
+        # Whether any latent may be dead: refreshed by the loop at log steps (no latent can be
+        # dead before dead_tokens have passed), so steps without dead latents skip AuxK entirely.
+        self.aux_active = False
+
+    @property
+    def adam_count(self) -> int:
+        return self.optimizer.count
 
     # -- initialisation ----------------------------------------------------------------------
 
@@ -205,11 +212,13 @@ class TorchSAE:
             loss = loss + error_multi.pow(2).sum() / total_variance / 8
             dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
         aux_loss = torch.zeros((), device=self.device)
-        if self.aux_active and m.aux_coef > 0:
-            dead = self.buffers["since_fired"][:n] > m.dead_tokens
-            aux_values, aux_indices = sae_kernels.topk_encode(
-                x_c.to(self.compute_dtype), W_enc, b_enc, m.aux_k, latent_mask=dead
+        dead = torch.nonzero(self.buffers["since_fired"][:n] > m.dead_tokens).squeeze(1) if self.aux_active else None
+        if dead is not None and len(dead) and m.aux_coef > 0:
+            # The AuxK GEMM runs over the dead rows only: its cost scales with how many are dead.
+            aux_values, aux_local = sae_kernels.topk_encode(
+                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(m.aux_k, len(dead))
             )
+            aux_indices = torch.where(aux_local >= 0, dead[aux_local.clamp_min(0)], EMPTY)
             aux_recon = sae_kernels.sparse_decode(aux_values, aux_indices, W_dec).float()
             residual = error.detach()
             residual_variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)

@@ -8,6 +8,7 @@ checkpoint resumes it: on the CPU the resumed run is bitwise identical to an uni
 from __future__ import annotations
 
 import itertools
+import math
 import signal
 import time
 from collections.abc import Iterator
@@ -100,7 +101,12 @@ def make_backend(config: RunConfig, device: torch.device):
         from .torch_backend import TorchSAE
 
         return TorchSAE(config, device)
-    raise ConfigError(f"train.backend = {config.train.backend!r} is not available in this build")
+    if device.type != "cpu":
+        raise ConfigError("train.backend = 'jax' runs where JAX runs; use train.device = 'cpu' here, "
+                          "or a JAX build with GPU support and the default device")
+    from .jax_backend import JaxSAE
+
+    return JaxSAE(config)
 
 
 class _StopFlag:
@@ -142,14 +148,15 @@ def _split(batch: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :d_in], batch[:, d_in:]
 
 
-def _check_finite(step: int, batch: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-    if torch.isfinite(metrics["loss"]).item():
+def _check_finite(step: int, batch: torch.Tensor, metrics: dict) -> None:
+    loss = float(metrics["loss"])  # one host sync a step; metrics may be torch or JAX scalars
+    if math.isfinite(loss):
         return
     bad = (~torch.isfinite(batch)).sum().item()
     if bad:
         raise TrainingError(f"step {step}: the activation batch holds {bad} NaN/Inf values; stopped, "
                             "the last checkpoint is kept")
-    raise TrainingError(f"step {step}: the loss became {metrics['loss'].item()} (diverged); stopped, "
+    raise TrainingError(f"step {step}: the loss became {loss} (diverged); stopped, "
                         "the last checkpoint is kept; try a lower train.lr")
 
 
@@ -185,7 +192,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "step": self.step,
             "tokens": self.step * self.config.train.batch_size,
-            "adam_count": self.backend.optimizer.count,
+            "adam_count": self.backend.adam_count,
             "aux_active": self.backend.aux_active,
             "buffer": {key: value for key, value in buffer_state.items() if key not in ("unserved", "rng")},
         }, buffer_state
@@ -260,7 +267,7 @@ class Trainer:
     def _log(self, metrics: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float) -> dict[str, float]:
         t = self.config.train
         record: dict[str, float] = {"step": self.step, "tokens": self.step * t.batch_size, "lr": lr}
-        record.update({name: value.item() for name, value in metrics.items()})
+        record.update({name: float(value) for name, value in metrics.items()})
         record.update(self.backend.latent_stats(steps * t.batch_size))
         record["tokens_per_s"] = steps * t.batch_size / max(elapsed, 1e-9)
         self.log.write(record)

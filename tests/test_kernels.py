@@ -79,7 +79,7 @@ def test_ties_go_to_the_smaller_index(impl):
     values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, 7, impl=impl)
     ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, 7)
     assert torch.equal(indices, ref_indices)
-    assert torch.equal(values, ref_values)
+    assert _rel_err(values, ref_values) <= 1e-5
     assert (indices < 70).all()  # the 7 copies of the best latent come from the first 7 blocks
 
 

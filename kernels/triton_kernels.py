@@ -1,0 +1,673 @@
+"""Triton kernels for TopK sparse autoencoders, and their launchers.
+
+Conventions: activations ``x[B, d]``; encoder ``W[n, d]`` and decoder ``W_dec[n, d]``
+hold one row per latent; a sparse code is ``(values[B, k], indices[B, k])`` where
+an index of -1 marks an empty slot that every kernel skips. Inputs may be fp32,
+bf16 or fp16; every kernel accumulates in fp32. No kernel materialises a
+``[B, n]`` tensor.
+
+Launchers are pure functions of tensors. They run compiled on CUDA tensors and
+through the Triton interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set
+before ``triton`` was first imported.
+
+``AOT_SPECS`` lists every kernel at the block sizes the launchers use on an H100
+for the benchmark shapes, so it can be compiled ahead of time without a GPU;
+running this file as a script prints the resulting resource table
+(``python kernels/triton_kernels.py [--json]``, with ``TRITON_INTERPRET`` unset).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest padded k (next power of two of k) the fused encoder keeps in registers;
+# larger k must use a chunked path. Every k <= MAX_FUSED_K is accepted.
+MAX_K_PAD = 256
+MAX_FUSED_K = MAX_K_PAD
+
+# Packed key of (-inf, latent 2**32-1), the smallest key a real candidate can have.
+# -inf is 0xFF800000, whose order-preserving int32 key is -(2**31) + 0x7FFFFF.
+_FLOOR_KEY = tl.constexpr((-(2**31) + 0x7FFFFF) << 32)
+_MAX_KEY = tl.constexpr(2**63 - 1)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+@triton.jit
+def _pack_keys(vals, cols):
+    """Pack fp32 ``vals`` and int64 latent ids ``cols`` (broadcastable) into int64 keys.
+
+    High 32 bits: the float's bits mapped to a signed int that orders like the float.
+    Low 32 bits: ``2**32 - 1 - col``, so among equal values the smaller latent id wins.
+    One integer comparison then orders by value, ties by index, so plain max/min
+    reductions select a value together with its index, deterministically.
+    """
+    # Adding +0.0 turns -0.0 into +0.0 so that both zeros compare equal, as in torch.
+    bits = (vals + 0.0).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (cols ^ 0xFFFFFFFF)
+
+
+@triton.jit
+def _encode_topk_kernel(
+    X, W, Bias, Cand,
+    B, n, d, k, tiles_per_split,
+    HAS_BIAS: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr = False,
+):
+    """Fused ``x @ W.T + bias`` and running per-row top-k.
+
+    Grid ``(cdiv(B, BLOCK_M), splits)``: program ``(m, s)`` owns rows
+    ``m*BLOCK_M ...`` and the contiguous latent tiles ``s*tiles_per_split ...``.
+    For each ``[BLOCK_M, BLOCK_N]`` tile it runs the GEMM over ``d`` in
+    ``BLOCK_K`` chunks (fp32 accumulator), adds the bias and packs values and
+    latent ids into int64 keys, so pre-activations never leave registers.
+
+    The running set holds ``k`` distinct keys per row (in ``K_PAD`` slots; the
+    slots past ``k`` are pinned to the largest key). A tile is merged by
+    repeatedly moving each row's best remaining key into the slot of its
+    current k-th best while it beats it. The loop runs as many times as the
+    most-improved row in the block needs: about k times on the first tile and a
+    few times later on, once the k-th best is high; a tile with nothing above
+    the k-th best costs one max-reduction. Writes the k keys, unsorted, to
+    ``Cand[s, rows, :k]`` and the lowest key to ``Cand[s, rows, k:K_PAD]``; the
+    launcher merges and sorts the splits. Latents ``>= n`` are padded with -inf. ``DOT_FP32`` upcasts the operands
+    before ``tl.dot`` (exact for bf16 products); only the CPU interpreter needs
+    it, as its ``tl.dot`` multiplies the raw bf16 storage as integers.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * d + offs_k[None, :]
+
+    slot = tl.arange(0, K_PAD).to(tl.int64)[None, :]
+    # Distinct -inf placeholders (fake ids 2**32-1-slot) so exactly one slot holds the minimum.
+    running = tl.where(slot < k, _FLOOR_KEY + slot, _MAX_KEY) + tl.zeros([BLOCK_M, K_PAD], tl.int64)
+    kth = tl.min(running, axis=1)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(n, BLOCK_N))
+    for t in range(tile_lo, tile_hi):
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        # int64 row offsets: n * d can exceed 2**31 for wide dictionaries.
+        w_ptrs = W + cols.to(tl.int64)[:, None] * d + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            k_ok = offs_k < d - k0
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_FP32:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols, mask=col_ok, other=0.0)[None, :]
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+        keys = _pack_keys(acc, cols.to(tl.int64)[None, :])
+        # Rows past B get keys no better than any placeholder, so they never insert.
+        keys = tl.where(row_ok[:, None], keys, _FLOOR_KEY)
+        best = tl.max(keys, axis=1)
+        while tl.max((best > kth).to(tl.int32), axis=0) > 0:
+            # Keys are unique per row, so each equality below selects exactly one slot.
+            ins = (best > kth)[:, None] & (running == kth[:, None])
+            running = tl.where(ins, best[:, None], running)
+            keys = tl.where(keys == best[:, None], _FLOOR_KEY, keys)
+            best = tl.max(keys, axis=1)
+            kth = tl.min(running, axis=1)
+
+    out_ptrs = Cand + (pid_s * B + rows.to(tl.int64))[:, None] * K_PAD + slot
+    tl.store(out_ptrs, tl.where(slot < k, running, _FLOOR_KEY), mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Tile sizes of ``_encode_topk_kernel`` for one dtype and padded k."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def encode_config(dtype: torch.dtype, k_pad: int) -> EncodeConfig:
+    """Block sizes used by :func:`encode_topk` (shared with ``AOT_SPECS``).
+
+    The running set (``BLOCK_M x K_PAD`` int64 keys) lives in registers next to
+    the ``BLOCK_M x BLOCK_N`` tile, so the row block shrinks as ``K_PAD`` grows.
+    """
+    if k_pad > MAX_K_PAD:
+        raise ValueError(f"fused Triton top-k supports k <= {MAX_K_PAD}, got padded k {k_pad}")
+    if dtype == torch.float32:
+        # 3xTF32 keeps three operand splits live, so fp32 uses narrower tiles.
+        if k_pad <= 64:
+            return EncodeConfig(64, 64, 16, 8, 3)
+        return EncodeConfig(32, 64, 32, 8, 3)
+    if k_pad <= 128:
+        return EncodeConfig(64, 128, 64, 8, 3)
+    return EncodeConfig(32, 128, 64, 8, 3)
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """Everything needed to launch ``_encode_topk_kernel`` (also from JAX via jax_triton).
+
+    The kernel writes int64 packed keys to a ``[splits, B, K_PAD]`` buffer,
+    ``Cand``; ``constexprs`` are the kernel's compile-time keyword arguments.
+    """
+
+    grid: tuple[int, int]
+    splits: int
+    tiles_per_split: int
+    k_pad: int
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+def encode_plan(
+    B: int, n: int, k: int, dtype: torch.dtype, num_sms: int | None,
+    *, has_bias: bool = True, allow_tf32: bool = False, interpreted: bool = False,
+) -> EncodePlan:
+    """Tile sizes, grid and latent splits of the fused encoder.
+
+    ``num_sms`` (None under the interpreter) sets the split count so the grid
+    holds about four programs per SM: several waves keep the tail small, and
+    each split still sweeps many tiles, so its k-th best rises quickly and later
+    tiles insert few keys. ``interpreted`` selects the interpreter's bf16 dot
+    workaround (``DOT_FP32``).
+
+    Raises:
+        ValueError: if ``next_pow2(k) > MAX_K_PAD``.
+    """
+    k_pad = triton.next_power_of_2(k)
+    cfg = encode_config(dtype, k_pad)
+    tiles = triton.cdiv(n, cfg.block_n)
+    row_blocks = triton.cdiv(B, cfg.block_m)
+    target = 4 * num_sms if num_sms is not None else 4
+    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)  # no empty splits
+    return EncodePlan(
+        grid=(row_blocks, splits),
+        splits=splits,
+        tiles_per_split=tiles_per_split,
+        k_pad=k_pad,
+        constexprs={
+            "HAS_BIAS": has_bias, "K_PAD": k_pad,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+            "INPUT_PRECISION": "tf32" if (dtype != torch.float32 or allow_tf32) else "tf32x3",
+            "DOT_FP32": interpreted and dtype == torch.bfloat16,
+        },
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_pack_keys``: int64 keys -> (fp32 values, int64 latent ids)."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def encode_topk(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    *,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k of ``x @ W.T + bias`` without forming the ``[B, n]`` matrix.
+
+    Args:
+        x: ``[B, d]`` activations, fp32/bf16/fp16.
+        W: ``[n, d]`` encoder weights, same dtype as ``x``.
+        bias: ``[n]`` fp32 (may hold -inf to mask latents out), or None.
+        k: number of latents per row, ``1 <= k``, ``next_pow2(k) <= MAX_K_PAD``.
+        allow_tf32: for fp32 inputs, one TF32 product per tile (about 1e-3
+            relative error) instead of the default 3xTF32 split, which is as
+            accurate as fp32 (about 1e-6) at a third of the tensor-core rate.
+
+    Returns:
+        ``pre[B, k]`` fp32 pre-activations sorted descending, ties broken by the
+        smaller latent index, and ``idx[B, k]`` int64 latent ids; slots whose
+        value is -inf (fewer than k finite candidates) carry index -1.
+
+    Raises:
+        ValueError: if ``next_pow2(k) > MAX_K_PAD``.
+    """
+    B, d = x.shape
+    n = W.shape[0]
+    if B == 0:
+        return torch.empty((0, k), dtype=torch.float32, device=x.device), \
+            torch.empty((0, k), dtype=torch.int64, device=x.device)
+    on_gpu = x.device.type == "cuda"
+    num_sms = _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if on_gpu else None
+    plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None, allow_tf32=allow_tf32,
+                       interpreted=not on_gpu)
+    x = x.contiguous()
+    W = W.contiguous()
+    cand = torch.empty((plan.splits, B, plan.k_pad), dtype=torch.int64, device=x.device)
+    _encode_topk_kernel[plan.grid](
+        x, W, bias.contiguous() if bias is not None else x, cand,
+        B, n, d, k, plan.tiles_per_split,
+        **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    # The cross-split merge is tiny ([B, splits*K_PAD] keys); topk also sorts.
+    merged = torch.topk(cand.permute(1, 0, 2).reshape(B, plan.splits * plan.k_pad), k, dim=1).values
+    pre, idx = _unpack_keys(merged)
+    idx = torch.where(pre == float("-inf"), -1, idx)
+    return pre, idx
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+@triton.jit
+def _decode_kernel(
+    V, I, W, Out, k, d,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``Out[b, dblock] = sum_j V[b, j] * W[I[b, j], dblock]``, skipping ``I < 0``.
+
+    Grid ``(B, cdiv(d, BLOCK_D))``. Gathers ``BLOCK_J`` rows of ``W`` at a time
+    (embedding-bag style), fp32 accumulation in a fixed order (deterministic).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j0 in range(0, k, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < k
+        lat = tl.load(I + row * k + offs_j, mask=j_ok, other=-1).to(tl.int64)
+        v = tl.load(V + row * k + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+        live = lat >= 0
+        w = tl.load(W + lat[:, None] * d + offs_d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+    tl.store(Out + row * d + offs_d, acc.to(Out.dtype.element_ty), mask=d_ok)
+
+
+_DECODE_BLOCK_J = 32
+_DECODE_BLOCK_D = 256
+_DECODE_WARPS = 4
+
+
+def decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Sparse decode ``out[b] = sum_j values[b, j] * W[idx[b, j]]``, skipping ``idx < 0``.
+
+    Args:
+        values: ``[B, k]`` float.
+        idx: ``[B, k]`` integer latent ids, -1 for empty slots.
+        W: ``[n, d]`` decoder weights.
+
+    Returns:
+        ``[B, d]`` of dtype ``promote_types(values.dtype, W.dtype)`` (fp32 accumulation).
+    """
+    B, k = idx.shape
+    d = W.shape[1]
+    out = torch.empty((B, d), dtype=torch.promote_types(values.dtype, W.dtype), device=W.device)
+    if B == 0:
+        return out
+    block_j = min(_DECODE_BLOCK_J, triton.next_power_of_2(k))
+    _decode_kernel[(B, triton.cdiv(d, _DECODE_BLOCK_D))](
+        values.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
+        BLOCK_J=block_j, BLOCK_D=_DECODE_BLOCK_D, num_warps=_DECODE_WARPS,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _gather_dot_kernel(
+    G, I, W, Out, k, d,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``Out[b, j] = dot(G[b], W[I[b, j]])``, 0 where ``I < 0``.
+
+    Grid ``(B, cdiv(k, BLOCK_J))``: the gradient of :func:`decode` with respect
+    to its values. Loops over ``d`` in ``BLOCK_D`` chunks with an fp32 accumulator.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < k
+    lat = tl.load(I + row * k + offs_j, mask=j_ok, other=-1).to(tl.int64)
+    live = lat >= 0
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        d_ok = offs_d < d - d0
+        g = tl.load(G + row * d + d0 + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + lat[:, None] * d + d0 + offs_d[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
+    tl.store(Out + row * k + offs_j, acc, mask=j_ok)
+
+
+_GATHER_BLOCK_J = 32
+_GATHER_BLOCK_D = 128
+_GATHER_WARPS = 4
+
+
+def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = dot(g[b], W[idx[b, j]])``, 0 where ``idx < 0``.
+
+    Args:
+        g: ``[B, d]`` float (e.g. the gradient of the reconstruction).
+        idx: ``[B, k]`` integer latent ids, -1 for empty slots.
+        W: ``[n, d]``.
+
+    Returns:
+        ``[B, k]`` float32.
+    """
+    B, k = idx.shape
+    d = W.shape[1]
+    out = torch.empty((B, k), dtype=torch.float32, device=W.device)
+    if B == 0 or k == 0:
+        return out
+    block_j = min(_GATHER_BLOCK_J, triton.next_power_of_2(k))
+    _gather_dot_kernel[(B, triton.cdiv(k, block_j))](
+        g.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
+        BLOCK_J=block_j, BLOCK_D=_GATHER_BLOCK_D, num_warps=_GATHER_WARPS,
+    )
+    return out
+
+
+@triton.jit
+def _segment_rows_kernel(
+    Coeff, Order, Starts, Ends, Rows, Src, Out, Sums, k, d,
+    SCATTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Segmented reduction ``Out[u] = sum_{p in segment u} Coeff[p] * Src[p // k]``.
+
+    Grid ``(U, cdiv(d, BLOCK_D))``. ``Order`` holds flat code positions
+    ``b*k + j`` sorted by latent; segment ``u`` is ``Order[Starts[u]:Ends[u]]``.
+    Sums in a fixed order with no atomics, so results are bitwise reproducible.
+    With ``SCATTER`` the row is written to ``Out[Rows[u]]`` (dense ``[n, d]``
+    output), otherwise to ``Out[u]``. ``Sums[u]`` gets the sum of the coefficients.
+    """
+    seg = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start = tl.load(Starts + seg)
+    end = tl.load(Ends + seg)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    csum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < end
+        pos = tl.load(Order + offs_p, mask=p_ok, other=0)
+        c = tl.load(Coeff + pos, mask=p_ok, other=0.0).to(tl.float32)
+        src_row = pos // k
+        s = tl.load(Src + src_row[:, None] * d + offs_d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(s.to(tl.float32) * c[:, None], axis=0)
+        csum += c
+    if SCATTER:
+        dst = tl.load(Rows + seg)
+    else:
+        dst = seg.to(tl.int64)
+    tl.store(Out + dst * d + offs_d, acc, mask=d_ok)
+    if pid_d == 0:
+        tl.store(Sums + seg, tl.sum(csum, axis=0))
+
+
+_SEGMENT_BLOCK_P = 16
+_SEGMENT_BLOCK_D = 256
+_SEGMENT_WARPS = 4
+
+
+def _segments(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group flat code positions by latent: (rows[U], order[P], starts[U], ends[U]), all int64.
+
+    Stable sort so positions within a segment stay in ascending (b, j) order,
+    which fixes the summation order.
+    """
+    flat = idx.reshape(-1).to(torch.int64)
+    pos = torch.nonzero(flat >= 0).squeeze(1)
+    lat_sorted, perm = torch.sort(flat[pos], stable=True)
+    rows, counts = torch.unique_consecutive(lat_sorted, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    return rows, pos[perm], ends - counts, ends
+
+
+def _launch_segment_rows(
+    coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the segmented reduction; writes into ``out`` (``[n, d]``) when given."""
+    k = idx.shape[1]
+    d = src.shape[1]
+    rows, order, starts, ends = _segments(idx)
+    U = rows.numel()
+    scatter = out is not None
+    grads = out if scatter else torch.empty((U, d), dtype=torch.float32, device=src.device)
+    sums = torch.empty((U,), dtype=torch.float32, device=src.device)
+    if U > 0:
+        _segment_rows_kernel[(U, triton.cdiv(d, _SEGMENT_BLOCK_D))](
+            coeff.contiguous(), order, starts, ends, rows, src.contiguous(), grads, sums, k, d,
+            SCATTER=scatter, BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D,
+            num_warps=_SEGMENT_WARPS,
+        )
+    return rows, grads, sums
+
+
+def segment_rows(
+    coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse-transpose product: per latent, the coefficient-weighted sum of source rows.
+
+    ``grads[u] = sum_{(b, j): idx[b, j] == rows[u]} coeff[b, j] * src[b]`` and
+    ``coeff_sums[u] = sum of those coeff``; ``idx < 0`` is ignored. With
+    ``coeff = dL/dvalues`` and ``src = x`` this is the touched rows of ``dW_enc``
+    (and ``coeff_sums`` is ``db_enc``); with ``coeff = values`` and
+    ``src = dL/dout`` it is ``dW_dec``. Deterministic (sorted segments, no atomics).
+
+    Args:
+        coeff: ``[B, k]`` float.
+        idx: ``[B, k]`` integer latent ids, -1 for empty slots.
+        src: ``[B, d]`` float.
+
+    Returns:
+        ``rows[U]`` int64 ascending unique latent ids, ``grads[U, d]`` float32,
+        ``coeff_sums[U]`` float32.
+    """
+    return _launch_segment_rows(coeff, idx, src, None)
+
+
+def segment_rows_dense(coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`segment_rows` written straight into a zero ``[n, d]`` float32 matrix."""
+    out = torch.zeros((n, src.shape[1]), dtype=torch.float32, device=src.device)
+    _launch_segment_rows(coeff, idx, src, out)
+    return out
+
+
+# --------------------------------------------------------------------------- ahead-of-time specs
+
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel at the block sizes a launcher uses, for ahead-of-time compilation.
+
+    ``signature`` maps every argument to a Triton type string (``"*bf16"``,
+    ``"i32"``, ``"constexpr"``); ``constexprs`` gives the compile-time values;
+    ``divisible`` names the arguments the runtime would specialise as multiples
+    of 16 (aligned pointers, ``d = 1280``).
+    """
+
+    label: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int = 3
+    divisible: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _encode_spec(dtype: torch.dtype, k: int) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    plan = encode_plan(4096, 131072, k, dtype, num_sms=132)
+    return KernelSpec(
+        label=f"encode_topk k={k}",
+        kernel=_encode_topk_kernel,
+        signature={"X": f"*{t}", "W": f"*{t}", "Bias": "*fp32", "Cand": "*i64",
+                   "B": "i32", "n": "i32", "d": "i32", "k": "i32", "tiles_per_split": "i32",
+                   **{name: "constexpr" for name in plan.constexprs}},
+        constexprs=plan.constexprs,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        divisible=("X", "W", "Bias", "Cand", "B", "n", "d", "k"),
+    )
+
+
+def _decode_spec(dtype: torch.dtype) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    return KernelSpec(
+        label="decode",
+        kernel=_decode_kernel,
+        signature={"V": f"*{t}", "I": "*i64", "W": f"*{t}", "Out": f"*{t}", "k": "i32", "d": "i32",
+                   "BLOCK_J": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_J": _DECODE_BLOCK_J, "BLOCK_D": _DECODE_BLOCK_D},
+        num_warps=_DECODE_WARPS, divisible=("V", "I", "W", "Out", "k", "d"),
+    )
+
+
+def _gather_spec(dtype: torch.dtype) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    return KernelSpec(
+        label="gather_dot",
+        kernel=_gather_dot_kernel,
+        signature={"G": f"*{t}", "I": "*i64", "W": f"*{t}", "Out": "*fp32", "k": "i32", "d": "i32",
+                   "BLOCK_J": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_J": _GATHER_BLOCK_J, "BLOCK_D": _GATHER_BLOCK_D},
+        num_warps=_GATHER_WARPS, divisible=("G", "I", "W", "Out", "k", "d"),
+    )
+
+
+def _segment_spec(dtype: torch.dtype, scatter: bool) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    return KernelSpec(
+        label="segment_rows_dense" if scatter else "segment_rows",
+        kernel=_segment_rows_kernel,
+        signature={"Coeff": "*fp32", "Order": "*i64", "Starts": "*i64", "Ends": "*i64", "Rows": "*i64",
+                   "Src": f"*{t}", "Out": "*fp32", "Sums": "*fp32", "k": "i32", "d": "i32",
+                   "SCATTER": "constexpr", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"SCATTER": scatter, "BLOCK_P": _SEGMENT_BLOCK_P, "BLOCK_D": _SEGMENT_BLOCK_D},
+        num_warps=_SEGMENT_WARPS,
+        divisible=("Coeff", "Order", "Starts", "Ends", "Rows", "Src", "Out", "Sums", "k", "d"),
+    )
+
+
+# Benchmark shapes: B=4096, d=1280, n=131072, k=32, bf16 and fp32. The larger-k
+# encoder entries cover the other register layouts up to MAX_K_PAD.
+AOT_SPECS: list[tuple[str, KernelSpec]] = [
+    (dtype_name, spec)
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    for spec in (
+        _encode_spec(dtype, 32),
+        _decode_spec(dtype),
+        _gather_spec(dtype),
+        _segment_spec(dtype, scatter=False),
+        _segment_spec(dtype, scatter=True),
+    )
+] + [(name, _encode_spec(dtype, k)) for k in (128, 256)
+     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))]
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> Any:
+    """Compile ``spec`` for ``sm_<arch>`` (90 builds sm_90a) without a GPU.
+
+    Needs ``TRITON_INTERPRET`` unset when ``triton`` was imported, so that the
+    kernels are real ``JITFunction`` objects.
+    """
+    from triton.backends.compiler import GPUTarget
+
+    kernel = spec.kernel
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
+    src = triton.compiler.ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def _nvidia_tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def resource_usage(compiled: Any) -> dict[str, Any]:
+    """Registers, shared memory, local memory and tensor-core use of a compiled kernel.
+
+    Reads the cubin with the ``cuobjdump`` shipped in the Triton wheel.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", path],
+                               check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-sass", path],
+                              check=True, capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "regs": int(fields["REG"]),
+        "stack": int(fields["STACK"]),
+        "local": int(fields["LOCAL"]),
+        # Triton allocates its shared memory dynamically; the cubin's static count is 0.
+        "shared": int(compiled.metadata.shared),
+        "hgmma": bool(re.search(r"\bHGMMA\b", sass)),
+        "hmma": bool(re.search(r"\bHMMA\b", sass)),
+    }
+
+
+def resource_table(archs: tuple[int, ...] = (90, 80)) -> list[dict[str, Any]]:
+    """Compile every ``AOT_SPECS`` entry for each arch and collect :func:`resource_usage`."""
+    table = []
+    for dtype_name, spec in AOT_SPECS:
+        for arch in archs:
+            row = {"kernel": spec.label, "arch": f"sm_{arch}{'a' if arch == 90 else ''}", "dtype": dtype_name,
+                   "num_warps": spec.num_warps}
+            row.update(resource_usage(compile_spec(spec, arch)))
+            table.append(row)
+    return table
+
+
+def format_resource_table(table: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`resource_table` rows."""
+    lines = ["| kernel | arch | dtype | warps | regs | shared (B) | local/stack (B) | HGMMA | HMMA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['num_warps']} | {r['regs']} | "
+                     f"{r['shared']} | {r['local']}/{r['stack']} | {'yes' if r['hgmma'] else 'no'} | "
+                     f"{'yes' if r['hmma'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET to compile kernels ahead of time")
+    rows = resource_table()
+    print(json.dumps(rows) if "--json" in sys.argv[1:] else format_resource_table(rows))
