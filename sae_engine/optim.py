@@ -48,30 +48,26 @@ class Adam:
         """Advance the shared step counter once per optimisation step."""
         self.count += 1
 
-    def _scales(self, lr: float) -> tuple[float, float]:
-        correction1 = 1 - self.b1**self.count
-        correction2 = 1 - self.b2**self.count
-        return lr / correction1, math.sqrt(correction2)
+    def _fused(self, p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float) -> None:
+        """One pass over the tensors (torch's fused Adam kernel: the same rule as optax.adam)."""
+        step = torch.tensor(float(self.count), device=p.device)
+        torch._fused_adam_(
+            [p], [grad], [m], [v], [], [step], lr=lr, beta1=self.b1, beta2=self.b2,
+            weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+        )
 
     def step(self, name: str, grad: torch.Tensor, lr: float) -> None:
         """Dense update of parameter ``name`` with ``grad`` (same shape)."""
-        p, m, v = self.params[name], self.m[name], self.v[name]
-        m.lerp_(grad, 1 - self.b1)
-        v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        step_size, root_correction = self._scales(lr)
-        denom = (v.sqrt() / root_correction).add_(self.eps)
-        p.addcdiv_(m, denom, value=-step_size)
+        self._fused(self.params[name], grad.contiguous(), self.m[name], self.v[name], lr)
 
     def step_rows(self, name: str, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """Update only ``rows`` of parameter ``name``; grad: [U, ...] for those rows."""
         p, m, v = self.params[name], self.m[name], self.v[name]
-        m_rows = m[rows].lerp_(grad, 1 - self.b1)
-        v_rows = v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        step_size, root_correction = self._scales(lr)
-        denom = (v_rows.sqrt() / root_correction).add_(self.eps)
+        p_rows, m_rows, v_rows = p[rows], m[rows], v[rows]
+        self._fused(p_rows, grad.contiguous(), m_rows, v_rows, lr)
+        p.index_copy_(0, rows, p_rows)
         m.index_copy_(0, rows, m_rows)
         v.index_copy_(0, rows, v_rows)
-        p.index_copy_(0, rows, p[rows].addcdiv_(m_rows, denom, value=-step_size))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"adam.m.{name}": t for name, t in self.m.items()}
