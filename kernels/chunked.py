@@ -134,12 +134,16 @@ def segment_rows(
     flat = flat[keep]
     tokens = torch.arange(B, device=src.device).repeat_interleave(k)[keep]
     weights = coeff.reshape(-1).float()[keep]
-    rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    # Unique rows by counting (latent ids are small integers), not by sorting.
+    n_bins = int(flat.max()) + 1 if flat.numel() else 0
+    counts = torch.bincount(flat, minlength=n_bins)
+    present = counts > 0
+    rows = present.nonzero().squeeze(1)
+    inverse = (torch.cumsum(present, 0) - 1)[flat]
     U = rows.numel()
-    order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=U)
+    order = torch.sort(inverse.int(), stable=True).indices
     crow = torch.zeros(U + 1, dtype=torch.int64, device=src.device)
-    torch.cumsum(counts, 0, out=crow[1:])
+    torch.cumsum(counts[present], 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         matrix = torch.sparse_csr_tensor(
