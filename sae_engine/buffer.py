@@ -11,6 +11,7 @@ across fills, nothing skipped); ``tokens_read`` and ``tokens_served`` count exac
 source ends, the remaining vectors are drained and iteration stops (a final short batch is
 returned unless ``drop_last``). ``state_dict`` captures the unserved vectors, the source
 position and the RNG, so a restored buffer serves exactly the batches the original would have.
+On CUDA the refill's host-to-device copies run on their own stream.
 """
 from __future__ import annotations
 
@@ -54,11 +55,23 @@ class RingBuffer:
         self._refill_error: BaseException | None = None
         self._pending = False  # a refill was started and its vectors are not merged yet
         self._fresh = torch.empty(0, dtype=torch.int64)  # slots filled by that refill
+        self._copy_stream: torch.cuda.Stream | None = None  # CUDA only: the producer's stream
 
     # -- producer ------------------------------------------------------------------------------
 
     def _fill(self, slots: torch.Tensor) -> torch.Tensor:
-        """Copy source vectors into ``slots`` in order; returns the slots actually filled."""
+        """Copy source vectors into ``slots`` in order; returns the slots actually filled.
+
+        On CUDA the copies run on a side stream, so they overlap the training step's kernels;
+        ``_wait_refill`` makes the consumer's stream wait for them.
+        """
+        if self.device.type == "cuda":
+            self._copy_stream = self._copy_stream or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                return self._fill_on_current_stream(slots)
+        return self._fill_on_current_stream(slots)
+
+    def _fill_on_current_stream(self, slots: torch.Tensor) -> torch.Tensor:
         if self._chunks is None:
             self._chunks = iter(self.source.iter_from(self.tokens_read))
         filled = 0
@@ -76,7 +89,10 @@ class RingBuffer:
                     )
             take = min(len(slots) - filled, chunk.shape[0])
             target = slots[filled : filled + take].to(self.device)
-            self.storage.index_copy_(0, target, chunk[:take].to(self.device, self.storage.dtype, non_blocking=True))
+            piece = chunk[:take]
+            if self.device.type == "cuda" and piece.device.type == "cpu":
+                piece = piece.pin_memory()  # pinned, so the host-to-device copy is asynchronous
+            self.storage.index_copy_(0, target, piece.to(self.device, self.storage.dtype, non_blocking=True))
             if take < chunk.shape[0]:
                 self._leftover = chunk[take:]
             filled += take
@@ -103,6 +119,8 @@ class RingBuffer:
         if self._refill is not None:
             self._refill.join()
             self._refill = None
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         if self._refill_error is not None:
             error, self._refill_error = self._refill_error, None
             self._pending = False
