@@ -94,3 +94,10 @@ def test_source_chunk_of_the_wrong_width_is_reported():
 
     with pytest.raises(ValueError, match=r"shape \(5, 3\); expected \[m, 4\]"):
         RingBuffer(Bad(), 16, background=False).next_batch(4)
+
+
+@pytest.mark.gpu
+def test_cuda_buffer_serves_every_vector_once_with_background_copies():
+    buffer = RingBuffer(ArraySource(_ids(5000), chunk_size=97), 1024, device="cuda", dtype=torch.float32, seed=5)
+    served = torch.cat([b[:, 0].cpu() for b in buffer.batches(128)]).long()
+    assert sorted(served.tolist()) == list(range(5000))
