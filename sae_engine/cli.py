@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=["kernels", "train-step"], help="what to measure")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help of bench.table)")
     bench.set_defaults(run=_bench)
+    try:
+        from .go.enrich import register as register_enrich
+    except ImportError:  # scipy and obonet come with the `analysis` extra
+        pass
+    else:
+        register_enrich(commands)
     return parser
 
 
