@@ -1,14 +1,25 @@
-"""The JAX backend: the same models, losses, optimizer and checkpoint tensors as the PyTorch one.
+"""The JAX backend: a Flax NNX model and an optax optimizer, mirroring the PyTorch backend.
 
-Parameters, Adam moments and latent statistics live in one pytree; the training step is a
-single ``jax.jit``-compiled pure function built on ``sae_kernels.jax`` (whose custom VJPs make
-the backward sparse). Tensor names and layouts equal ``TorchSAE.state_tensors``, so a run
-started in one backend resumes in the other. Batches arrive as torch tensors from the ring
-buffer and cross over through DLPack without a copy.
+Model (``SparseAutoencoder``, shapes in latents n, input width d_in, target width d_out):
+    ``nnx.Param``s W_enc [n, d_in], b_enc [n], W_dec [n, d_out] (unit-norm rows), b_dec [d_out],
+    W_skip [d_out, d_in] for transcoders with a skip connection; beside them, state the optimizer
+    never sees: ``LatentStat``s since_fired [n + 1], fire_count [n + 1] (int32; slot n absorbs
+    empty and zero-valued code slots) and batchtopk_threshold [], and ``DataScale``s in_scale [],
+    out_scale []. Codes and losses (FVU, Multi-TopK, AuxK) are those of ``TorchSAE``, computed
+    with ``sae_kernels.jax``, whose custom VJPs make the backward sparse.
 
-Row-sparse Adam in JAX keeps static shapes: it computes the update for every row and keeps it
-only where the row received gradient this step (untouched rows keep parameters and moments),
-which is the same rule as the PyTorch backend's, though not its saving in work.
+Optimizer: ``optax.chain(clip_by_global_norm, scale_by_adam)`` with the learning rate applied
+per step, i.e. ``optax.adam``'s rule. Row-sparse Adam keeps static shapes: ``row_sparse_adam``
+computes Adam for every row, then keeps the new moments and a non-zero update only in the rows
+of W_enc, b_enc and W_dec that a code of this step used; the others keep their parameters and
+moments. That is the PyTorch backend's rule, though not its saving in work.
+
+The training step (loss, gradient, decoder projection, clipping, Adam, decoder
+renormalisation, firing statistics) is one ``jax.jit``-compiled function of the model's
+``nnx.State`` and the optax state. Checkpoint tensors have ``TorchSAE.state_tensors``'s names
+and dtypes (optax's ``ScaleByAdamState`` mu, nu and count become ``adam.m.*``, ``adam.v.*`` and
+``adam_count``), so a run started in one backend resumes in the other. Batches arrive as torch
+tensors from the ring buffer and cross over through DLPack without a copy.
 
 Multi-device: ``shard_batch`` lays a batch out over a ``jax.sharding.Mesh`` axis ("data");
 parameters stay replicated and XLA inserts the reductions, so results equal one device's.
@@ -21,14 +32,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
+from flax import nnx
 
 from sae_kernels import jax as kernels
 
-from .config import RunConfig
+from .config import ModelConfig, RunConfig, TrainConfig
 from .init import geometric_median, mean_squared_norm_scale
 
 EMPTY = kernels.EMPTY
+ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
+COUNTERS = ("since_fired", "fire_count")  # int32 here, int64 in checkpoints
+
+Params = dict[str, jax.Array]
 
 
 def to_jax(t: torch.Tensor) -> jax.Array:
@@ -52,165 +69,273 @@ def _normalize_rows(W: jax.Array) -> jax.Array:
     return W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), 1e-12)
 
 
-class JaxSAE:
-    """TopK / BatchTopK SAE or transcoder trained with JAX; the interface of ``TorchSAE``."""
+def _row_mask(touched: jax.Array, ndim: int) -> jax.Array:
+    """touched [n] as a mask broadcasting over an [n, ...] parameter of ``ndim`` axes."""
+    return touched.reshape((-1,) + (1,) * (ndim - 1))
 
-    def __init__(self, config: RunConfig, device: Any = None) -> None:
+
+class LatentStat(nnx.Variable):
+    """Per-latent statistics updated by the training step: firing and the BatchTopK threshold."""
+
+
+class DataScale(nnx.Variable):
+    """A normalisation scale for inputs or targets, fixed by ``JaxSAE.initialize``."""
+
+
+class SparseAutoencoder(nnx.Module):
+    """A TopK / BatchTopK SAE or transcoder (see the module docstring for its variables)."""
+
+    def __init__(self, config: ModelConfig, seed: int, compute_dtype: jnp.dtype = jnp.float32) -> None:
         self.config = config
-        m = config.model
-        self.compute_dtype = jnp.float32 if config.train.precision == "fp32" else jnp.bfloat16
+        self.compute_dtype = compute_dtype
         # Initial weights come from the torch generator so both backends start identically.
-        gen = torch.Generator().manual_seed(config.train.seed)
-        n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
+        gen = torch.Generator().manual_seed(seed)
+        n, d_in, d_out = config.n_latents, config.d_in, config.target_dim
         W_dec = torch.randn(n, d_out, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5 if m.is_transcoder else W_dec.clone()
-        params = {"W_enc": W_enc, "b_enc": torch.zeros(n), "W_dec": W_dec, "b_dec": torch.zeros(d_out)}
-        if m.skip_connection:
-            params["W_skip"] = torch.zeros(d_out, d_in)
-        self.params = {name: jnp.asarray(p.numpy()) for name, p in params.items()}
-        self.m = jax.tree.map(jnp.zeros_like, self.params)
-        self.v = jax.tree.map(jnp.zeros_like, self.params)
-        self.buffers = {
-            "since_fired": jnp.zeros(n + 1, jnp.int32),
-            "fire_count": jnp.zeros(n + 1, jnp.int32),
-            "in_scale": jnp.ones((), jnp.float32),
-            "out_scale": jnp.ones((), jnp.float32),
-            "batchtopk_threshold": jnp.zeros((), jnp.float32),
-        }
-        self.count = 0
-        self.aux_active = False  # see TorchSAE.aux_active
+        W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5 if config.is_transcoder else W_dec.clone()
+        self.W_enc = nnx.Param(jnp.asarray(W_enc.numpy()))
+        self.b_enc = nnx.Param(jnp.zeros(n, jnp.float32))
+        self.W_dec = nnx.Param(jnp.asarray(W_dec.numpy()))
+        self.b_dec = nnx.Param(jnp.zeros(d_out, jnp.float32))
+        self.W_skip = nnx.Param(jnp.zeros((d_out, d_in), jnp.float32)) if config.skip_connection else None
+        self.since_fired = LatentStat(jnp.zeros(n + 1, jnp.int32))
+        self.fire_count = LatentStat(jnp.zeros(n + 1, jnp.int32))
+        self.batchtopk_threshold = LatentStat(jnp.zeros((), jnp.float32))
+        self.in_scale = DataScale(jnp.ones((), jnp.float32))
+        self.out_scale = DataScale(jnp.ones((), jnp.float32))
 
-    @property
-    def adam_count(self) -> int:
-        return self.count
+    def params(self) -> Params:
+        """The parameters by name (W_skip only when present): the pytree optax works on."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
-    # -- initialisation ----------------------------------------------------------------------
+    def set_params(self, params: Params) -> None:
+        """Replace the parameters' values with ``params`` (names and shapes as ``params()``)."""
+        state = nnx.state(self, nnx.Param)
+        nnx.replace_by_pure_dict(state, params)
+        nnx.update(self, state)
 
-    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Normalisation scales and b_dec from a sample, exactly as ``TorchSAE.initialize``."""
-        m = self.config.model
-        if m.normalize == "dataset":
-            in_scale = mean_squared_norm_scale(x)
-            out_scale = mean_squared_norm_scale(y) if m.is_transcoder else in_scale
-            self.buffers["in_scale"] = jnp.float32(torch.tensor(in_scale).item())
-            self.buffers["out_scale"] = jnp.float32(torch.tensor(out_scale).item())
-        target = to_torch(self._norm(to_jax(y.float()), "out_scale"))
-        if m.b_dec_init == "geometric_median":
-            self.params["b_dec"] = jnp.asarray(geometric_median(target).numpy())
-        elif m.b_dec_init == "mean":
-            self.params["b_dec"] = jnp.asarray(target.mean(dim=0).numpy())
+    # -- forward -------------------------------------------------------------------------------
 
-    def _norm(self, x: jax.Array, scale_name: str, buffers: dict | None = None) -> jax.Array:
-        if self.config.model.normalize == "layernorm":
+    def normalize(self, x: jax.Array, scale: DataScale) -> jax.Array:
+        """x [B, d] -> fp32 [B, d]: per-row layer norm, or times the dataset scale."""
+        if self.config.normalize == "layernorm":
             return _layer_normalize(x)
-        return x.astype(jnp.float32) * (buffers or self.buffers)[scale_name]
+        return x.astype(jnp.float32) * scale[...]
 
-    # -- the model as pure functions -----------------------------------------------------------
-
-    def _code(self, params, buffers, xn, training: bool):
-        """Sparse code of normalised input. -> values [B, k'], indices [B, k'], encoder input."""
-        m = self.config.model
+    def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """W_enc, b_enc, W_dec in the compute dtype."""
         cd = self.compute_dtype
-        x_c = xn if m.is_transcoder else xn - params["b_dec"]
+        return self.W_enc[...].astype(cd), self.b_enc[...].astype(cd), self.W_dec[...].astype(cd)
+
+    def encode(self, xn: jax.Array, training: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Sparse code of normalised input xn [B, d_in]. -> values [B, k'], indices [B, k'], encoder
+        input [B, d_in]; k' = k (4k with Multi-TopK; row_cap for BatchTopK, with empty slots).
+
+        BatchTopK keeps the B*k largest values in training, moving the inference threshold
+        towards the smallest kept positive value; at inference it keeps those above the threshold.
+        """
+        m = self.config
+        x_c = xn if m.is_transcoder else xn - self.b_dec[...]
+        W_enc, b_enc, _ = self._weights()
         k_code = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
-        values, indices = kernels.topk_encode(
-            x_c.astype(cd), params["W_enc"].astype(cd), params["b_enc"].astype(cd), min(k_code, m.n_latents)
-        )
-        threshold = buffers["batchtopk_threshold"]
+        values, indices = kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, min(k_code, m.n_latents))
         if m.kind == "batchtopk":
-            flat = values.astype(jnp.float32).reshape(-1)
-            budget = min(xn.shape[0] * m.k, flat.shape[0])
+            threshold = self.batchtopk_threshold[...]
             if training:
-                cutoff = jax.lax.top_k(flat, budget)[0][-1]
+                flat = values.astype(jnp.float32).reshape(-1)
+                cutoff = jax.lax.top_k(flat, min(xn.shape[0] * m.k, flat.shape[0]))[0][-1]
                 keep = values.astype(jnp.float32) >= cutoff
                 smallest = jnp.min(jnp.where(keep & (values > 0), values.astype(jnp.float32), jnp.inf))
-                threshold = threshold + 0.01 * (jnp.where(jnp.isfinite(smallest), smallest, threshold) - threshold)
+                target = jnp.where(jnp.isfinite(smallest), smallest, threshold)
+                self.batchtopk_threshold[...] = threshold + 0.01 * (target - threshold)
             else:
                 keep = values.astype(jnp.float32) >= threshold
             values = values * keep
             indices = jnp.where(keep, indices, EMPTY)
-        return values, indices, x_c, threshold
+        return values, indices, x_c
 
-    def _decode(self, params, values, indices, xn):
-        out = kernels.sparse_decode(values, indices, params["W_dec"].astype(self.compute_dtype)).astype(jnp.float32)
-        out = out + params["b_dec"]
-        if "W_skip" in params:
-            out = out + xn @ params["W_skip"].T
+    def decode(self, values: jax.Array, indices: jax.Array, xn: jax.Array) -> jax.Array:
+        """Code values/indices [B, k'] (and normalised input xn [B, d_in]) -> fp32 [B, d_out]."""
+        _, _, W_dec = self._weights()
+        out = kernels.sparse_decode(values, indices, W_dec).astype(jnp.float32) + self.b_dec[...]
+        if self.W_skip is not None:
+            out = out + xn @ self.W_skip[...].T
         return out
 
-    def _loss(self, params, buffers, xn, yn, aux_active: bool):
-        m = self.config.model
-        values, indices, x_c, threshold = self._code(params, buffers, xn, training=True)
+    def loss(self, xn: jax.Array, yn: jax.Array, aux_active: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Training loss on normalised xn [B, d_in], yn [B, d_out]: FVU (+ Multi-TopK / 8)
+        (+ aux_coef * AuxK). -> (loss, {fvu, aux_loss, the main code values/indices [B, k],
+        code_indices: every latent of any code this step, [B, *]})."""
+        m = self.config
+        values, indices, x_c = self.encode(xn, training=True)
         main_v, main_i = (values[:, : m.k], indices[:, : m.k]) if m.multi_topk else (values, indices)
-        error = self._decode(params, main_v, main_i, xn) - yn
+        error = self.decode(main_v, main_i, xn) - yn
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
         fvu = jnp.sum(error**2) / total_variance
         loss = fvu
         if m.multi_topk:
-            loss = loss + jnp.sum((self._decode(params, values, indices, xn) - yn) ** 2) / total_variance / 8
+            loss = loss + jnp.sum((self.decode(values, indices, xn) - yn) ** 2) / total_variance / 8
         aux_loss = jnp.zeros((), jnp.float32)
+        code_indices = indices
         if aux_active and m.aux_coef > 0:
-            cd = self.compute_dtype
-            dead = buffers["since_fired"][: m.n_latents] > m.dead_tokens
+            W_enc, b_enc, W_dec = self._weights()
+            dead = self.since_fired[: m.n_latents] > m.dead_tokens
             aux_v, aux_i = kernels.topk_encode(
-                x_c.astype(cd), params["W_enc"].astype(cd), params["b_enc"].astype(cd), m.aux_k, latent_mask=dead
+                x_c.astype(self.compute_dtype), W_enc, b_enc, m.aux_k, latent_mask=dead
             )
-            aux_recon = kernels.sparse_decode(aux_v, aux_i, params["W_dec"].astype(cd)).astype(jnp.float32)
+            aux_recon = kernels.sparse_decode(aux_v, aux_i, W_dec).astype(jnp.float32)
             residual = jax.lax.stop_gradient(error)
             residual_variance = jnp.maximum(jnp.sum((residual - residual.mean(axis=0)) ** 2), 1e-12)
             # Zero when no latent is dead, as in the PyTorch backend, which then skips the pass.
             aux_loss = jnp.any(dead) * jnp.sum((aux_recon - residual) ** 2) / residual_variance
             loss = loss + m.aux_coef * aux_loss
             code_indices = jnp.concatenate([indices, aux_i], axis=1)
-        else:
-            code_indices = indices
-        aux = {"fvu": fvu, "aux_loss": aux_loss, "values": main_v, "indices": main_i, "threshold": threshold,
-               "code_indices": code_indices}
+        aux = {"fvu": fvu, "aux_loss": aux_loss, "values": main_v, "indices": main_i, "code_indices": code_indices}
         return loss, aux
 
-    @functools.partial(jax.jit, static_argnums=(0, 8))
-    def _step(self, params, m_state, v_state, buffers, x, y, step_size, aux_active: bool, root_correction):
-        mc, t = self.config.model, self.config.train
-        xn, yn = self._norm(x, "in_scale", buffers), self._norm(y, "out_scale", buffers)
-        (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(params, buffers, xn, yn, aux_active)
-        # Unit-norm decoder: remove each row's gradient component along the row.
-        W_dec = params["W_dec"]
-        grads["W_dec"] = grads["W_dec"] - jnp.sum(grads["W_dec"] * W_dec, axis=1, keepdims=True) * W_dec
-        if t.grad_clip is not None:
-            norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
-            factor = jnp.where(norm > t.grad_clip, t.grad_clip / norm, 1.0)
-            grads = jax.tree.map(lambda g: g * factor, grads)
-        # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
-        n = mc.n_latents
-        code = aux["code_indices"]
-        touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
-        b1, b2, eps = t.adam_b1, t.adam_b2, t.adam_eps
-        new_params, new_m, new_v = {}, {}, {}
-        for name, p in params.items():
-            g = grads[name]
-            m_new = m_state[name] + (1 - b1) * (g - m_state[name])
-            v_new = b2 * v_state[name] + (1 - b2) * g * g
-            p_new = p - step_size * m_new / (jnp.sqrt(v_new) / root_correction + eps)
-            if t.optimizer == "row_sparse_adam" and name in ("W_enc", "b_enc", "W_dec"):
-                keep = touched.reshape((-1,) + (1,) * (p.ndim - 1))
-                m_new, v_new, p_new = (jnp.where(keep, a, b) for a, b in ((m_new, m_state[name]), (v_new, v_state[name]), (p_new, p)))
-            new_params[name], new_m[name], new_v[name] = p_new, m_new, v_new
-        normalized = _normalize_rows(new_params["W_dec"])
+    # -- the unit-norm decoder and the statistics ----------------------------------------------
+
+    def project_decoder_grad(self, g: jax.Array) -> jax.Array:
+        """Remove from each row of the W_dec gradient g [n, d_out] its component along the row."""
+        W_dec = self.W_dec[...]
+        return g - jnp.sum(g * W_dec, axis=1, keepdims=True) * W_dec
+
+    def renormalize_decoder(self, touched: jax.Array | None) -> None:
+        """Scale W_dec's rows back to unit norm: all of them, or those where touched [n] is True."""
+        W_dec = self.W_dec[...]
+        normalized = _normalize_rows(W_dec)
+        self.W_dec[...] = normalized if touched is None else jnp.where(touched[:, None], normalized, W_dec)
+
+    def track_firing(self, values: jax.Array, indices: jax.Array, batch: int) -> None:
+        """Count the latents with a positive value in code values/indices [B, k] as fired."""
+        n = self.config.n_latents
+        fired = jnp.where((values > 0) & (indices >= 0), indices, n).reshape(-1)
+        self.since_fired[...] = (self.since_fired[...] + batch).at[fired].set(0)
+        self.fire_count[...] = self.fire_count[...].at[fired].add(1)
+
+
+def row_sparse_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.scale_by_adam`` that updates only touched rows of W_enc, b_enc and W_dec.
+
+    ``update(grads, state, params, touched=...)`` with touched [n] bool: the rows of those
+    parameters where it is False get a zero update and keep their moments (``optim.Adam``'s
+    ``step_rows``); every other entry, and the step count, move as in dense Adam. The state is
+    a ``ScaleByAdamState``, so checkpoints do not depend on the mode.
+    """
+    adam = optax.scale_by_adam(b1, b2, eps)
+
+    def update_fn(
+        updates: Params, state: optax.ScaleByAdamState, params: Params | None = None, *, touched: jax.Array,
+        **extra_args: Any,
+    ) -> tuple[Params, optax.ScaleByAdamState]:
+        del extra_args
+        new_updates, new_state = adam.update(updates, state, params)
+
+        def keep(new: Params, old: Params) -> Params:
+            return {name: jnp.where(_row_mask(touched, x.ndim), x, old[name]) if name in ROW_PARAMS else x
+                    for name, x in new.items()}
+
+        zeros = jax.tree.map(jnp.zeros_like, new_updates)
+        return keep(new_updates, zeros), new_state._replace(mu=keep(new_state.mu, state.mu),
+                                                           nu=keep(new_state.nu, state.nu))
+
+    return optax.GradientTransformationExtraArgs(adam.init, update_fn)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping (if set), then Adam, dense or row-sparse; the step scales by -lr."""
+    scale_by_adam = row_sparse_adam if t.optimizer == "row_sparse_adam" else optax.scale_by_adam
+    adam = scale_by_adam(t.adam_b1, t.adam_b2, t.adam_eps)
+    clip = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip is not None else []
+    return optax.chain(*clip, adam)
+
+
+class JaxSAE:
+    """TopK / BatchTopK SAE or transcoder trained with JAX; the interface of ``TorchSAE``."""
+
+    def __init__(self, config: RunConfig, device: Any = None) -> None:
+        self.config = config
+        compute_dtype = jnp.float32 if config.train.precision == "fp32" else jnp.bfloat16
+        model = SparseAutoencoder(config.model, config.train.seed, compute_dtype)
+        # Held split, so a step passes the state to the compiled function without walking the module.
+        self.graphdef, self.state = nnx.split(model)
+        self.tx = make_optimizer(config.train)
+        self.opt_state = self.tx.init(model.params())
+        self.aux_active = False  # see TorchSAE.aux_active
+
+    @property
+    def model(self) -> SparseAutoencoder:
+        """The model as a module, merged from ``state``; ``_store`` writes changes back."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def _store(self, model: SparseAutoencoder) -> None:
+        # Whether merge shares Variables with the state it came from is Flax's detail: re-split.
+        self.state = nnx.state(model)
+
+    @property
+    def params(self) -> Params:
+        """The parameters by name, as JAX arrays."""
+        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Param))
+
+    @property
+    def buffers(self) -> Params:
+        """Latent statistics and normalisation scales by name (the checkpoint's buffers)."""
+        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Not(nnx.Param)))
+
+    @property
+    def adam_count(self) -> int:
+        """Completed optimizer steps (optax's count; reading it waits for the device)."""
+        return int(optax.tree.get(self.opt_state, "count"))
+
+    # -- initialisation ----------------------------------------------------------------------
+
+    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Normalisation scales and b_dec from a sample, exactly as ``TorchSAE.initialize``."""
+        m, model = self.config.model, self.model
+        if m.normalize == "dataset":
+            in_scale = mean_squared_norm_scale(x)
+            out_scale = mean_squared_norm_scale(y) if m.is_transcoder else in_scale
+            model.in_scale[...] = jnp.float32(torch.tensor(in_scale).item())
+            model.out_scale[...] = jnp.float32(torch.tensor(out_scale).item())
+        target = to_torch(model.normalize(to_jax(y.float()), model.out_scale))
+        if m.b_dec_init == "geometric_median":
+            model.b_dec[...] = jnp.asarray(geometric_median(target).numpy())
+        elif m.b_dec_init == "mean":
+            model.b_dec[...] = jnp.asarray(target.mean(dim=0).numpy())
+        self._store(model)
+
+    # -- the training step ---------------------------------------------------------------------
+
+    @functools.partial(jax.jit, static_argnums=(0, 6))
+    def _step(
+        self, state: nnx.State, opt_state: optax.OptState, x: jax.Array, y: jax.Array, lr: jax.Array, aux_active: bool
+    ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
+        t = self.config.train
+        model = nnx.merge(self.graphdef, state)
+        xn, yn = model.normalize(x, model.in_scale), model.normalize(y, model.out_scale)
+        # Gradients w.r.t. the Params; the BatchTopK threshold the forward moves is kept too.
+        grad_fn = nnx.value_and_grad(lambda mod: mod.loss(xn, yn, aux_active), argnums=nnx.DiffState(0, nnx.Param),
+                                     has_aux=True)
+        (loss, aux), grads = grad_fn(model)
+        grads = nnx.to_pure_dict(grads)
+        # Projection before clipping, so the clipped norm is that of the gradient Adam sees.
+        grads["W_dec"] = model.project_decoder_grad(grads["W_dec"])
+        params = model.params()
+        touched = None
         if t.optimizer == "row_sparse_adam":
-            normalized = jnp.where(touched[:, None], normalized, new_params["W_dec"])
-        new_params["W_dec"] = normalized
-        fired = jnp.where((aux["values"] > 0) & (aux["indices"] >= 0), aux["indices"], n).reshape(-1)
-        batch = x.shape[0]
-        new_buffers = dict(buffers)
-        new_buffers["since_fired"] = (buffers["since_fired"] + batch).at[fired].set(0)
-        new_buffers["fire_count"] = buffers["fire_count"].at[fired].add(1)
-        new_buffers["batchtopk_threshold"] = aux["threshold"]
+            # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
+            n, code = self.config.model.n_latents, aux["code_indices"]
+            touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
+            updates, opt_state = self.tx.update(grads, opt_state, params, touched=touched)
+        else:
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+        model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
+        model.renormalize_decoder(touched)
+        model.track_firing(aux["values"], aux["indices"], x.shape[0])
         l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
         metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
-        return new_params, new_m, new_v, new_buffers, metrics
-
-    # -- the backend interface -----------------------------------------------------------------
+        return nnx.state(model), opt_state, metrics
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, jax.Array]:
         """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out] torch tensors."""
@@ -219,24 +344,21 @@ class JaxSAE:
 
     def train_step_arrays(self, xj: jax.Array, yj: jax.Array, lr: float) -> dict[str, jax.Array]:
         """``train_step`` on JAX arrays, which may be sharded over a mesh (see ``shard_batch``)."""
-        self.count += 1
-        t = self.config.train
-        # Bias corrections in float64 on the host, as the PyTorch backend computes them.
-        step_size = lr / (1 - t.adam_b1**self.count)
-        root_correction = (1 - t.adam_b2**self.count) ** 0.5
-        self.params, self.m, self.v, self.buffers, metrics = self._step(
-            self.params, self.m, self.v, self.buffers, xj, yj, jnp.float32(step_size), self.aux_active,
-            jnp.float32(root_correction),
+        self.state, self.opt_state, metrics = self._step(
+            self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
         )
         return metrics
 
+    # -- inference and statistics --------------------------------------------------------------
+
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        m = self.config.model
-        xn, yn = self._norm(to_jax(x), "in_scale"), self._norm(to_jax(y), "out_scale")
-        values, indices, _, _ = self._code(self.params, self.buffers, xn, training=False)
+        """FVU and L0 on held-out data x [B, d_in], y [B, d_out] (BatchTopK by its threshold)."""
+        m, model = self.config.model, self.model
+        xn, yn = model.normalize(to_jax(x), model.in_scale), model.normalize(to_jax(y), model.out_scale)
+        values, indices, _ = model.encode(xn, training=False)
         if m.multi_topk and m.kind == "topk":
             values, indices = values[:, : m.k], indices[:, : m.k]
-        recon = self._decode(self.params, values, indices, xn)
+        recon = model.decode(values, indices, xn)
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
         return {
             "eval_fvu": float(jnp.sum((recon - yn) ** 2) / total_variance),
@@ -244,44 +366,53 @@ class JaxSAE:
         }
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code of raw activations x [B, d_in]. -> values, indices (torch, int64)."""
-        xn = self._norm(to_jax(x), "in_scale")
-        values, indices, _, _ = self._code(self.params, self.buffers, xn, training=False)
+        """Sparse code of raw activations x [B, d_in]. -> values, indices [B, k'] (torch, int64)."""
+        model = self.model
+        values, indices, _ = model.encode(model.normalize(to_jax(x), model.in_scale), training=False)
         return to_torch(values.astype(jnp.float32)), to_torch(indices).long()
 
     def latent_stats(self, tokens: int) -> dict[str, float]:
-        m = self.config.model
-        dead = float(jnp.mean((self.buffers["since_fired"][: m.n_latents] > m.dead_tokens).astype(jnp.float32)))
-        frequency = self.buffers["fire_count"][: m.n_latents].astype(jnp.float32) / max(tokens, 1)
+        """Dead and dense fractions (host sync); resets the firing counts of the window."""
+        m, model = self.config.model, self.model
+        dead = float(jnp.mean((model.since_fired[: m.n_latents] > m.dead_tokens).astype(jnp.float32)))
+        frequency = model.fire_count[: m.n_latents].astype(jnp.float32) / max(tokens, 1)
         dense = float(jnp.mean((frequency > 0.1).astype(jnp.float32)))
-        self.buffers["fire_count"] = jnp.zeros_like(self.buffers["fire_count"])
+        model.fire_count[...] = jnp.zeros_like(model.fire_count[...])
+        self._store(model)
         self.aux_active = dead > 0
         return {"dead_fraction": dead, "dense_fraction": dense}
+
+    # -- checkpoints ---------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensors with the PyTorch backend's names, dtypes and shapes."""
         out = {f"param.{name}": to_torch(p) for name, p in self.params.items()}
         for name, b in self.buffers.items():
-            t = to_torch(b)
-            out[f"buffer.{name}"] = t.long() if name in ("since_fired", "fire_count") else t
-        out.update({f"adam.m.{name}": to_torch(t) for name, t in self.m.items()})
-        out.update({f"adam.v.{name}": to_torch(t) for name, t in self.v.items()})
+            out[f"buffer.{name}"] = to_torch(b).long() if name in COUNTERS else to_torch(b)
+        for moment, field in (("m", "mu"), ("v", "nu")):  # ScaleByAdamState.mu and .nu
+            for name, t in optax.tree.get(self.opt_state, field).items():
+                out[f"adam.{moment}.{name}"] = to_torch(t)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
-        def j(name: str, dtype=jnp.float32) -> jax.Array:
+        """Restore from ``state_tensors`` (of either backend) and the optimizer's step count."""
+        def j(name: str) -> jax.Array:
             # jnp.array copies: the torch tensors may be live parameters updated in place.
-            return jnp.array(tensors[name].numpy(), dtype=dtype)
+            t = tensors[name]
+            if name.removeprefix("buffer.") in COUNTERS:  # counters saturate rather than wrap in int32
+                return jnp.array(t.clamp_max(2**31 - 1).numpy(), dtype=jnp.int32)
+            return jnp.array(t.numpy(), dtype=jnp.float32)
 
-        self.params = {name: j(f"param.{name}") for name in self.params}
-        self.m = {name: j(f"adam.m.{name}") for name in self.params}
-        self.v = {name: j(f"adam.v.{name}") for name in self.params}
-        for name in self.buffers:
-            counter = name in ("since_fired", "fire_count")
-            # Counters saturate rather than wrap in int32.
-            value = tensors[f"buffer.{name}"].clamp_max(2**31 - 1) if counter else tensors[f"buffer.{name}"]
-            self.buffers[name] = jnp.array(value.numpy(), dtype=jnp.int32 if counter else jnp.float32)
-        self.count = adam_count
+        names = list(self.params)
+        values = {name: j(f"param.{name}") for name in names}
+        values.update({name: j(f"buffer.{name}") for name in self.buffers})
+        nnx.replace_by_pure_dict(self.state, values)
+        self.opt_state = optax.tree.set(
+            self.opt_state,
+            count=jnp.asarray(adam_count, jnp.int32),
+            mu={name: j(f"adam.m.{name}") for name in names},
+            nu={name: j(f"adam.v.{name}") for name in names},
+        )
         self.aux_active = aux_active
 
 
