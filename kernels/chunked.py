@@ -28,7 +28,6 @@ from .reference import EMPTY
 GROUP = 64  # latents per group in the two-level selection
 TWO_LEVEL_MIN_GROUPS_PER_K = 16
 CHUNK_ELEMENTS = 1 << 25  # pre-activation buffer size (128 MiB in fp32)
-GATHER_ELEMENTS = 1 << 23  # bound on [rows, k, d] temporaries in the backward passes
 
 
 def rows_per_chunk(n: int, B: int, budget: int = CHUNK_ELEMENTS) -> int:
@@ -103,18 +102,21 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) 
 
 
 def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``dot(g[b], W[indices[b, j]])`` in fp32, 0 for empty slots. g: [B, d] -> [B, k]."""
+    """``dot(g[b], W[indices[b, j]])`` in fp32, 0 for empty slots. g: [B, d] -> [B, k].
+
+    A sampled matrix product: ``g @ W.T`` evaluated only at the B*k positions of the code
+    (a CSR pattern), without gathering a [B, k, d] tensor.
+    """
     B, k = indices.shape
-    d = W.shape[1]
-    out = torch.empty(B, k, dtype=torch.float32, device=g.device)
-    rows = max(1, GATHER_ELEMENTS // max(k * d, 1))
-    for start in range(0, B, rows):
-        stop = min(start + rows, B)
-        idx = indices[start:stop]
-        gathered = W[idx.clamp_min(0)].float()  # [rows, k, d]
-        dots = torch.bmm(gathered, g[start:stop].float().unsqueeze(2)).squeeze(2)
-        out[start:stop] = dots * (idx >= 0)
-    return out
+    crow = torch.arange(0, B * k + 1, k, device=g.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow, indices.clamp_min(0).reshape(-1), torch.zeros(B * k, device=g.device),
+            size=(B, W.shape[0]), check_invariants=False,
+        )
+        dots = torch.sparse.sampled_addmm(pattern, g.float(), W.float().T, beta=0.0)
+    return dots.values().view(B, k) * (indices >= 0)
 
 
 def segment_rows(

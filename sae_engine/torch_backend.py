@@ -78,6 +78,7 @@ class TorchSAE:
             "batchtopk_threshold": torch.zeros((), device=device),
         }
         self.optimizer = Adam(self.params, config.train.adam_b1, config.train.adam_b2, config.train.adam_eps)
+        self._dense_grads: dict[str, torch.Tensor] = {}
         # Whether any latent may be dead: refreshed by the loop at log steps (no latent can be
         # dead before dead_tokens have passed), so steps without dead latents skip AuxK entirely.
         self.aux_active = False
@@ -227,7 +228,7 @@ class TorchSAE:
             loss = loss + m.aux_coef * aux_loss
             dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
 
-        grads = self._backward(xn, x_c, W_enc, W_dec, values, indices, dec_terms)
+        grads = self._backward(xn, x_c, values, indices, dec_terms)
         metrics = {
             "loss": loss,
             "fvu": fvu,
@@ -236,7 +237,7 @@ class TorchSAE:
         }
         return metrics, grads, (main_values, main_indices)
 
-    def _backward(self, xn, x_c, W_enc, W_dec, values, indices, dec_terms):
+    def _backward(self, xn, x_c, values, indices, dec_terms):
         """Sparse backward through every reconstruction term, then the encoder. -> grads by name.
 
         dec_terms: (gradient w.r.t. the term's output [B, d_out], its values, its indices, whether
@@ -253,7 +254,8 @@ class TorchSAE:
         # Decoder: all terms stacked along the batch, one gather-dot and one segmented reduction.
         dec_values, dec_indices = _stack_codes([(v, idx) for _, v, idx, _ in dec_terms])
         sources = torch.cat([g for g, _, _, _ in dec_terms])
-        dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, W_dec)
+        # The backward reads the fp32 master weights: as fast here, and more exact.
+        dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, self.params["W_dec"])
         grads["W_dec"] = self._remove_parallel(dec.W_dec)
         # Encoder: gradients w.r.t. each code, side by side along k (they share input rows).
         g_shared = torch.zeros(values.shape, device=self.device)
@@ -269,7 +271,7 @@ class TorchSAE:
             torch.cat([v.float() for v, _, _ in codes], dim=1),
             torch.cat([i for _, i, _ in codes], dim=1),
             x_c,
-            W_enc,
+            self.params["W_enc"],
         )
         grads["W_enc"] = enc.W_enc
         if not self.config.model.is_transcoder:
@@ -303,8 +305,9 @@ class TorchSAE:
             if t.optimizer == "row_sparse_adam":
                 opt.step_rows(name, rows, g, lr)
             else:
-                dense = torch.zeros_like(self.params[name])
-                opt.step(name, dense.index_copy_(0, rows, g), lr)
+                if name not in self._dense_grads:  # reused: fresh large tensors cost page faults
+                    self._dense_grads[name] = torch.empty_like(self.params[name])
+                opt.step(name, self._dense_grads[name].zero_().index_copy_(0, rows, g), lr)
         for name in ("b_dec", "W_skip"):
             if name in grads:
                 g = grads[name] * factor if factor is not None else grads[name]
@@ -314,7 +317,7 @@ class TorchSAE:
             rows = dec.rows
             W_dec.index_copy_(0, rows, torch.nn.functional.normalize(W_dec[rows], dim=1))
         else:
-            W_dec.copy_(torch.nn.functional.normalize(W_dec, dim=1))
+            W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
 
     def _track_firing(self, values: torch.Tensor, indices: torch.Tensor, batch: int) -> None:
         n = self.config.model.n_latents
