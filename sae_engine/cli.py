@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=["kernels", "train-step"], help="what to measure")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help of bench.table)")
     bench.set_defaults(run=_bench)
+    from .esm import extract as esm_extract, prepare as esm_prepare
+
+    esm_prepare.register(commands)
+    esm_extract.register(commands)
     try:
         from .go.enrich import register as register_enrich
     except ImportError:  # scipy and obonet come with the `analysis` extra

@@ -60,6 +60,12 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic", "shards" (.npy files) or "esm" (its own issue)
     paths: list[str] = field(default_factory=list)  # shard files for source = "shards"
     target_paths: list[str] = field(default_factory=list)  # transcoder targets, aligned with paths
+    store: str = ""  # source = "esm": an activation store (made by `sae-engine extract`)
+    layer: int = 4  # source = "esm": ESM2 layer of the input vectors
+    target_layer: int | None = None  # source = "esm", transcoders: layer of the targets
+    fasta: str = ""  # source = "esm": proteins to extract from when the store is missing
+    esm_model: str = "default"  # source = "esm": model spec (see sae_engine.esm.models)
+    pool: str = "none"  # source = "esm": "none" (residues), "mean" or "max" (proteins)
     synthetic_tokens: int = 1_000_000
     buffer_size: int = 262_144  # vectors held by the ring buffer
     eval_tokens: int = 8192  # held out from the start of the source for evaluation
@@ -161,6 +167,13 @@ class RunConfig:
                     fail("data.paths", path, "file not found")
             if m.is_transcoder and len(d.target_paths) != len(d.paths):
                 fail("data.target_paths", d.target_paths, f"a transcoder needs one target shard per input shard ({len(d.paths)})")
+        if d.source == "esm":
+            if not d.store:
+                fail("data.store", d.store, "source = 'esm' needs an activation store folder")
+            if m.is_transcoder and d.target_layer is None:
+                fail("data.target_layer", None, "an ESM2 transcoder needs the layer of its targets")
+            if d.pool not in ("none", "mean", "max"):
+                fail("data.pool", d.pool, "must be one of ['none', 'mean', 'max']")
         if d.eval_tokens < 0:
             fail("data.eval_tokens", d.eval_tokens, "must be >= 0")
         if d.buffer_size < 2 * t.batch_size:

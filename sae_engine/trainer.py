@@ -85,7 +85,20 @@ def build_source(config: RunConfig) -> ActivationSource:
         if targets.d != m.d_out:
             raise ConfigError(f"data.target_paths: shards have d={targets.d} but model.d_out = {m.d_out}")
         return PairedSource(inputs, targets)
-    raise ConfigError(f"data.source = {d.source!r} is not available in this trainer yet")
+    from .esm.extract import StoreSource, ensure_store
+
+    layers = [d.layer] + ([d.target_layer] if m.is_transcoder else [])
+    ensure_store(d.store, layers=layers, fasta=d.fasta or None, model=d.esm_model, pool=d.pool,
+                 progress=config.train.progress)
+    inputs = StoreSource(d.store, d.layer)
+    if inputs.d != m.d_in:
+        raise ConfigError(f"data.store: layer {d.layer} vectors have d={inputs.d} but model.d_in = {m.d_in}")
+    if not m.is_transcoder:
+        return inputs
+    targets = StoreSource(d.store, d.target_layer)
+    if targets.d != m.d_out:
+        raise ConfigError(f"data.store: layer {d.target_layer} vectors have d={targets.d} but model.d_out = {m.d_out}")
+    return PairedSource(inputs, targets)
 
 
 def resolve_device(name: str) -> torch.device:

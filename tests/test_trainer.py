@@ -192,3 +192,23 @@ def test_example_configs_load():
         if raw_paths_ok:
             config = load_config(path)
             assert config.model.k <= config.model.n_latents
+
+
+def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
+    """data.source = "esm": a real fair-esm ESM2 (small, random weights) feeds the trainer."""
+    from sae_engine.esm.models import random_esm2, save_hf_esm2
+
+    model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp_path / "esm2")
+    g = np.random.default_rng(3)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text("".join(f">P{i:03d}\n{''.join(g.choice(letters, g.integers(30, 90)))}\n" for i in range(60)))
+    config = _config(
+        tmp_path, "model.d_in=32", "data.source='esm'", f"data.store='{tmp_path / 'store'}'", "data.layer=1",
+        f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=128",
+    )
+    result = train(config)
+    residues = sum(len(line) for line in fasta.read_text().splitlines() if not line.startswith(">"))
+    assert result.step == (residues - 128) // 64
+    assert (tmp_path / "store" / "manifest.json").exists()
+    assert np.isfinite(result.final["eval_fvu"]) and result.final["l0"] <= 4
