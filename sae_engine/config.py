@@ -63,7 +63,8 @@ class DataConfig:
     store: str = ""  # source = "esm": an activation store (made by `sae-engine extract`)
     layer: int = 4  # source = "esm": ESM2 layer of the input vectors
     target_layer: int | None = None  # source = "esm", transcoders: layer of the targets
-    fasta: str = ""  # source = "esm": proteins to extract from when the store is missing
+    fasta: str = ""  # source = "esm": proteins to extract from when the store is missing ("~" expands)
+    max_proteins: int | None = None  # source = "esm": extract only the first N proteins of the FASTA
     esm_model: str = "default"  # source = "esm": model spec (see sae_engine.esm.models)
     pool: str = "none"  # source = "esm": "none" (residues), "mean" or "max" (proteins)
     synthetic_tokens: int = 1_000_000

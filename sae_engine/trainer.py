@@ -88,7 +88,7 @@ def build_source(config: RunConfig) -> ActivationSource:
     from .esm.extract import StoreSource, ensure_store
 
     layers = [d.layer] + ([d.target_layer] if m.is_transcoder else [])
-    ensure_store(d.store, layers=layers, fasta=d.fasta or None, model=d.esm_model, pool=d.pool,
+    ensure_store(d.store, layers=layers, fasta=_fasta_subset(config), model=d.esm_model, pool=d.pool,
                  progress=config.train.progress)
     inputs = StoreSource(d.store, d.layer)
     if inputs.d != m.d_in:
@@ -99,6 +99,25 @@ def build_source(config: RunConfig) -> ActivationSource:
     if targets.d != m.d_out:
         raise ConfigError(f"data.store: layer {d.target_layer} vectors have d={targets.d} but model.d_out = {m.d_out}")
     return PairedSource(inputs, targets)
+
+
+def _fasta_subset(config: RunConfig) -> Path | None:
+    """The FASTA to extract from: data.fasta, or its first data.max_proteins records."""
+    d = config.data
+    if not d.fasta:
+        return None
+    fasta = Path(d.fasta).expanduser()
+    if d.max_proteins is None:
+        return fasta
+    from .esm.fasta import read_fasta, write_fasta
+
+    subset = Path(d.store).expanduser().with_suffix(".input.fasta")
+    if not subset.exists():
+        subset.parent.mkdir(parents=True, exist_ok=True)
+        tmp = subset.with_name(subset.name + ".tmp")
+        write_fasta(itertools.islice(read_fasta(fasta), d.max_proteins), tmp)
+        tmp.rename(subset)
+    return subset
 
 
 def resolve_device(name: str) -> torch.device:
