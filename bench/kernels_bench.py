@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import resource
 import statistics
@@ -35,6 +34,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from sae_engine.workers import SpawnedWorker, Unavailable
+
 GROUPS = ("encoder", "decoder", "backward")
 BASELINE = {"encoder": "gemm", "decoder": "embedding_bag", "backward": "torch"}
 TORCH_CASE = {"encoder": "torch_topk", "decoder": "embedding_bag", "backward": "torch"}
@@ -43,10 +44,6 @@ CASES = {
     "decoder": ("embedding_bag", "sae_kernels", "sparsify"),
     "backward": ("torch", "sae_kernels", "sparsify"),
 }
-
-
-class Unavailable(Exception):
-    """A case that cannot run here (missing package, needs CUDA); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -459,41 +456,15 @@ def _worker(conn: Any, group: str, name: str, shape: Shape, device: str, threads
         return
 
 
-class WorkerCase:
+class WorkerCase(SpawnedWorker):
     """A case in its own spawned process, so its peak RSS is its own."""
 
     def __init__(self, group: str, name: str, shape: Shape, device: str):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_worker, args=(child, group, name, shape, device, torch.get_num_threads()), daemon=True
-        )
-        self.proc.start()
-        try:
-            status, payload = self.conn.recv()
-        except EOFError:
-            self.proc.join()
-            status, payload = "error", f"worker died (exit code {self.proc.exitcode})"
-        if status != "ready":
-            self.close()
-            raise (Unavailable if status == "skip" else RuntimeError)(payload)
-        self.peak = payload
+        super().__init__(_worker, (group, name, shape, device, torch.get_num_threads()))
+        self.peak = self.ready
 
     def run(self) -> float:
-        try:
-            self.conn.send("run")
-            return self.conn.recv()
-        except (EOFError, BrokenPipeError) as err:  # killed, e.g. by the kernel's OOM killer
-            self.proc.join(timeout=30)
-            raise RuntimeError(f"worker died (exit code {self.proc.exitcode})") from err
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send("stop")
-            except (BrokenPipeError, OSError):
-                pass
-            self.proc.join(timeout=30)
+        return self.request("run")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -39,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from .workers import SpawnedWorker, Unavailable
 
 PEERS = {"sparsify": "sparsify", "saelens": "sae_lens"}  # peer name -> import name
 # SAELens' use_sparse_activations (fp32) is left out: its backward fails on torch 2.13 CPU
@@ -100,10 +101,6 @@ class Row:
     loss_first: float | None = None
     loss_last: float | None = None
     note: str = ""
-
-
-class Unavailable(Exception):
-    """A contender that cannot run here; the message says why."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,36 +351,16 @@ def _worker(conn: Any, case: Case, spec: Spec, warmup: int, threads: int) -> Non
         conn.send((seconds, loss_value(result)))
 
 
-class Worker:
+class Worker(SpawnedWorker):
     """A contender in its own spawned process."""
 
     def __init__(self, case: Case, spec: Spec, warmup: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, case, spec, warmup, torch.get_num_threads()), daemon=True)
-        self.proc.start()
-        try:
-            status, payload = self.conn.recv()
-        except EOFError:
-            self.proc.join()
-            status, payload = "error", f"worker died (exit code {self.proc.exitcode}; out of memory?)"
-        if status != "ready":
-            self.close()
-            raise (Unavailable if status == "skip" else RuntimeError)(payload)
-        self.peak_mem, self.step_mem, self.loss_first = payload
+        super().__init__(_worker, (case, spec, warmup, torch.get_num_threads()))
+        self.peak_mem, self.step_mem, self.loss_first = self.ready
 
     def run(self) -> tuple[float, float | None]:
         """(seconds, loss) of one step."""
-        self.conn.send("run")
-        return self.conn.recv()
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send("stop")
-            except (BrokenPipeError, OSError):
-                pass
-            self.proc.join(timeout=60)
+        return self.request("run")
 
 
 def _time_rounds(workers: dict[Case, Worker], rows: dict[Case, Row], steps: int) -> None:
