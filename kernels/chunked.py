@@ -2,7 +2,7 @@
 
 Nothing here materializes a ``[B, n]`` tensor for the whole batch. The encoder computes the
 pre-activations of ``rows_per_chunk`` rows at a time into one reused buffer (reuse avoids the
-page faults of fresh large allocations) and selects the top k of each chunk. For wide fp32
+page faults of fresh large allocations) and selects the top k of each chunk. For wide
 rows the selection is two-level, which reads the chunk once instead of running a selection
 over every element:
 
@@ -11,8 +11,8 @@ over every element:
    bound on the ``k``-th largest element, so every top-k element lies in one of those groups;
 3. select the top k among the ``k * GROUP`` surviving candidates.
 
-Narrow rows, and bf16 (whose reductions are slower than its selection on this path), use
-``torch.topk`` on the chunk directly. Values are exact either way; among exactly equal
+Narrow rows (fewer than ``TWO_LEVEL_MIN_GROUPS_PER_K * k`` groups) use ``torch.topk`` on the
+chunk directly. Values are exact either way; among exactly equal
 pre-activations at the k-th place, which index is kept is deterministic but unspecified here
 (the reference and Triton paths keep the smaller index).
 """
@@ -38,21 +38,21 @@ def rows_per_chunk(n: int, B: int, budget: int = CHUNK_ELEMENTS) -> int:
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``pre[R, n]``. -> (values [R, k] sorted descending, columns [R, k] int64)."""
     R, n = pre.shape
-    n_full = (n // GROUP) * GROUP
-    # Measured crossover: below ~1024 groups per selected latent, one topk pass is faster.
-    if pre.dtype != torch.float32 or n_full // GROUP < TWO_LEVEL_MIN_GROUPS_PER_K * k:
+    n_groups = n // GROUP
+    # Measured crossover: below ~16 groups per selected latent, one topk pass is faster.
+    if n_groups < TWO_LEVEL_MIN_GROUPS_PER_K * k:
         return pre.topk(k, dim=1)
-    group_max = pre[:, :n_full].unflatten(1, (n_full // GROUP, GROUP)).amax(dim=2)
-    if n > n_full:
-        group_max = torch.cat([group_max, pre[:, n_full:].amax(dim=1, keepdim=True)], dim=1)
-    groups = group_max.topk(k, dim=1, sorted=False).indices
-    cols = (groups.unsqueeze(2) * GROUP + torch.arange(GROUP, device=pre.device)).flatten(1)
-    if n > n_full:  # only the short last group reaches past n
-        candidates = pre.gather(1, cols.clamp_max(n - 1)).masked_fill(cols >= n, float("-inf"))
-    else:
-        candidates = pre.gather(1, cols)
+    n_full = n_groups * GROUP
+    grouped = pre[:, :n_full].unflatten(1, (n_groups, GROUP))
+    groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices  # [R, k]
+    # Whole groups gathered through a view: no [R, k * GROUP] index arithmetic.
+    candidates = grouped.gather(1, groups.unsqueeze(2).expand(-1, -1, GROUP)).flatten(1)
+    if n > n_full:  # the short last group always competes
+        candidates = torch.cat([candidates, pre[:, n_full:]], dim=1)
     top, pos = candidates.topk(k, dim=1)
-    return top, cols.gather(1, pos)
+    in_group = pos < k * GROUP
+    from_groups = groups.gather(1, (pos // GROUP).clamp_max(k - 1)) * GROUP + pos % GROUP
+    return top, torch.where(in_group, from_groups, n_full + pos - k * GROUP)
 
 
 def topk_encode(
