@@ -111,9 +111,17 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         load_ontology(not_go)
 
 
-@pytest.mark.skipif(not os.environ.get("SAE_ENGINE_GO_SQLITE"), reason="set SAE_ENGINE_GO_SQLITE to GO.db's GO.sqlite")
+def _full_go_sqlite() -> Path | None:
+    """GO.db's GO.sqlite: $SAE_ENGINE_GO_SQLITE, else the one `sae-engine data prepare` made."""
+    from sae_engine.esm.prepare import data_dir
+
+    path = Path(os.environ.get("SAE_ENGINE_GO_SQLITE") or data_dir() / "go.sqlite")
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_full_go_sqlite() is None, reason="no GO.sqlite: run `sae-engine data prepare` or set SAE_ENGINE_GO_SQLITE")
 def test_full_go_sqlite() -> None:
-    go = read_go_sqlite(os.environ["SAE_ENGINE_GO_SQLITE"])
+    go = read_go_sqlite(_full_go_sqlite())
     counts = np.bincount(go.namespace, minlength=3)
     assert len(go) > 40_000 and counts.min() > 4_000
     assert len(go.secondary) > 1_000 and len(go.obsolete) > 1_000
