@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_enrich(commands)
+        from .features import register as register_features
+
+        register_features(commands)
     return parser
 
 

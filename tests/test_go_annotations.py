@@ -79,6 +79,15 @@ def test_table_errors_and_unknown_ids(go, tmp_path: Path) -> None:
     assert "absent from" in kind and warnings.first[kind].endswith("ann.tsv:3: GO:0099999")
 
 
+def test_a_header_line_is_skipped_only_as_the_first_line(go, tmp_path: Path) -> None:
+    path = tmp_path / "ann.tsv"
+    path.write_text("accession\tgo_id\nP1\tGO:0004984\n")
+    assert read_pairs(path, go, CountedWarnings()) == [("P1", go.index["GO:0004984"])]
+    path.write_text("P1\tGO:0004984\naccession\tgo_id\n")
+    with pytest.raises(AnnotationError, match=r"ann.tsv:2: 'go_id' is not a GO id"):
+        read_pairs(path, go, CountedWarnings())
+
+
 @pytest.mark.parametrize("relations", [("is_a",), ("is_a", "part_of")])
 def test_propagation_closes_each_protein_under_ancestors(go, relations: tuple[str, ...]) -> None:
     pairs = read_pairs(DATA / "annotations.tsv", go, CountedWarnings())

@@ -102,13 +102,17 @@ def read_pairs(path: str | Path, ontology: Ontology, warnings: CountedWarnings) 
     """``(accession, term index)`` pairs from ``accession<TAB>GO id`` lines.
 
     Repeated pairs are allowed. More GO ids may follow on the same line, tab-separated (the
-    layout of ``goasp_annot.dat``). Blank lines and lines starting with ``#`` or ``!`` are skipped.
+    layout of ``goasp_annot.dat``). Blank lines and lines starting with ``#`` or ``!`` are skipped,
+    and so is a first data line whose second column does not start with ``GO:`` (a header such
+    as ``accession<TAB>go_id``).
     """
     path = Path(path)
     pairs: list[tuple[str, int]] = []
-    for number, line in _data_lines(path):
+    for position, (number, line) in enumerate(_data_lines(path)):
         cols = line.split("\t")
         where = f"{path}:{number}"
+        if position == 0 and len(cols) >= 2 and not cols[1].strip().upper().startswith("GO:"):
+            continue
         accession = cols[0].strip()
         if len(cols) < 2 or not accession:
             raise AnnotationError(f"{where}: expected 'accession<TAB>GO id', got {line[:80]!r}")

@@ -1,0 +1,166 @@
+"""Per-protein feature activations: what GO enrichment and feature reports read.
+
+From residue vectors in an activation store and a sparse code per residue (a trained SAE's, or
+the ReLU'd ESM2 neurons as the baseline every claim is compared with), build two sparse
+``[proteins, features]`` matrices: the maximum activation over each protein's residues, and the
+fraction of its residues on which the feature fires. A protein cut into overlapping windows
+counts the overlap twice in the fraction (the maximum is unaffected).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+Code = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # [r, d] -> values, indices [r, k]
+
+
+@dataclass
+class ProteinActivations:
+    """ids: P protein ids in store order; max, frac: [P, F] float32 CSR (zeros not stored)."""
+
+    ids: list[str]
+    max: sp.csr_matrix
+    frac: sp.csr_matrix
+
+    def save(self, path: str | Path) -> None:
+        """One .npz with ids, and both matrices in CSR parts."""
+        np.savez_compressed(
+            path, ids=np.array(self.ids), shape=np.array(self.max.shape),
+            max_data=self.max.data, max_indices=self.max.indices, max_indptr=self.max.indptr,
+            frac_data=self.frac.data, frac_indices=self.frac.indices, frac_indptr=self.frac.indptr,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProteinActivations:
+        z = np.load(path)
+        shape = tuple(z["shape"])
+        matrix = {name: sp.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=shape)
+                  for name in ("max", "frac")}
+        return cls([str(i) for i in z["ids"]], matrix["max"], matrix["frac"])
+
+
+def neuron_code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ESM2-neuron baseline as a code: every dimension, ReLU'd. x: [r, d] -> [r, d] twice."""
+    return x.float().clamp_min(0), torch.arange(x.shape[1]).expand(x.shape[0], -1)
+
+
+def protein_activations(
+    store_dir: str | Path, layer: int, code: Code, n_features: int, batch_rows: int = 8192
+) -> ProteinActivations:
+    """Pool a per-residue sparse code over each protein of a residue-level store.
+
+    code maps residue vectors [r, d] to (values, indices) [r, k] (index -1 = empty slot).
+    """
+    from .esm.extract import ActivationStore
+
+    store = ActivationStore(store_dir)
+    if store.manifest["settings"].get("pool", "none") != "none":
+        raise ValueError(f"{store_dir} holds pooled protein vectors; per-protein pooling needs a residue-level store")
+    windows_of: dict[str, list[dict]] = {}
+    for window in store.index():
+        windows_of.setdefault(window["shard"], []).append(window)
+    ids: list[str] = []
+    protein_of: dict[str, int] = {}
+    keys, values, rows_per_protein = [], [], np.zeros(0, dtype=np.int64)
+    for shard_path, shard in zip(store.shard_paths(layer), store.manifest["shards"]):
+        array = np.load(shard_path, mmap_mode="r")
+        owner = np.empty(shard["rows"], dtype=np.int64)
+        for window in windows_of.get(shard["name"], []):
+            protein = protein_of.setdefault(window["id"], len(ids))
+            if protein == len(ids):
+                ids.append(window["id"])
+            owner[window["offset"] : window["offset"] + window["rows"]] = protein
+        rows_per_protein = np.pad(rows_per_protein, (0, len(ids) - len(rows_per_protein)))
+        np.add.at(rows_per_protein, owner, 1)
+        for lo in range(0, shard["rows"], batch_rows):
+            batch = torch.from_numpy(np.array(array[lo : lo + batch_rows], dtype=np.float32))
+            v, i = (t.cpu().numpy() for t in code(batch))
+            fired = (v > 0) & (i >= 0)
+            rows = np.broadcast_to(owner[lo : lo + len(batch), None], i.shape)
+            keys.append(rows[fired] * n_features + i[fired])
+            values.append(v[fired].astype(np.float32))
+    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    value = np.concatenate(values) if values else np.zeros(0, np.float32)
+    order = np.argsort(key, kind="stable")
+    key, value = key[order], value[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    unique = key[starts]
+    protein, feature = unique // n_features, unique % n_features
+    shape = (len(ids), n_features)
+    maxima = np.maximum.reduceat(value, starts) if len(key) else value
+    counts = np.diff(np.r_[starts, len(key)])
+    frac = counts / rows_per_protein[protein]
+    return ProteinActivations(
+        ids,
+        sp.csr_matrix((maxima, (protein, feature)), shape=shape, dtype=np.float32),
+        sp.csr_matrix((frac.astype(np.float32), (protein, feature)), shape=shape, dtype=np.float32),
+    )
+
+
+def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
+    """The encoder of a trained run's latest checkpoint as a Code, and its number of features."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .config import RunConfig
+    from .torch_backend import TorchSAE
+
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
+    tensors, meta = load_checkpoint(path)
+    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
+    config.train.precision = "fp32"  # analysis reads exact activations
+    sae = TorchSAE(config, torch.device("cpu"))
+    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
+    return sae.encode, config.model.n_latents
+
+
+def write_study_tsv(activations: ProteinActivations, path: str | Path, prefix: str = "f",
+                    threshold: float = 0.0, top_n: int | None = 200) -> int:
+    """Study sets (see ``sae_engine.go.enrich.study_sets``) as ``feature<TAB>accession`` lines,
+    the input of ``sae-engine enrich``. Returns the number of lines."""
+    from .go.enrich import study_sets
+
+    sets = study_sets(activations.max, threshold=threshold, top_n=top_n).tocoo()
+    lines = [f"{prefix}{f}\t{activations.ids[p]}\n" for f, p in zip(sets.row, sets.col)]
+    Path(path).write_text("".join(lines))
+    return len(lines)
+
+
+def _run(args) -> int:
+    import sys
+
+    try:
+        code, n_features = neuron_code, None
+        if args.run_dir:
+            code, n_features = load_sae_code(args.run_dir)
+        else:
+            from .esm.extract import ActivationStore
+
+            n_features = ActivationStore(args.store).manifest["settings"]["d"]
+        activations = protein_activations(args.store, args.layer, code, n_features)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sae-engine features: error: {error}", file=sys.stderr)
+        return 2
+    activations.save(args.out)
+    summary = f"{len(activations.ids)} proteins x {n_features} features ({activations.max.nnz} nonzero) -> {args.out}"
+    if args.study:
+        summary += f"; {write_study_tsv(activations, args.study, 'f' if args.run_dir else 'neuron', top_n=args.top_n)} study lines -> {args.study}"
+    print(summary)
+    return 0
+
+
+def register(commands) -> None:
+    """Add ``sae-engine features``."""
+    parser = commands.add_parser("features", help="per-protein feature activations (SAE or ESM2 neurons)")
+    parser.add_argument("--store", required=True, help="residue-level activation store")
+    parser.add_argument("--layer", type=int, required=True, help="layer of the store the SAE was trained on")
+    parser.add_argument("--run", dest="run_dir", help="training run folder (its latest checkpoint); absent: ESM2 neurons")
+    parser.add_argument("--out", required=True, help=".npz with ids and the max / fraction matrices")
+    parser.add_argument("--study", help="also write study sets as feature<TAB>accession (input of enrich)")
+    parser.add_argument("--top-n", type=int, default=200, help="study set cap per feature (default 200)")
+    parser.set_defaults(run=_run)

@@ -1,0 +1,80 @@
+"""Per-protein pooling of residue codes (trained SAE and ESM2 neurons) against brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_engine.config import load_config
+from sae_engine.esm.extract import ActivationStore
+from sae_engine.esm.models import random_esm2, save_hf_esm2
+from sae_engine.features import ProteinActivations, load_sae_code, neuron_code, protein_activations, write_study_tsv
+from sae_engine.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A residue-level store of 30 random proteins (one longer than a window) and an SAE on it."""
+    tmp = tmp_path_factory.mktemp("features")
+    model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp / "esm2")
+    g = np.random.default_rng(4)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    lengths = [int(g.integers(20, 80)) for _ in range(29)] + [1100]  # the last one is windowed
+    fasta = tmp / "proteins.fasta"
+    fasta.write_text("".join(f">Q{i:03d}\n{''.join(g.choice(letters, n))}\n" for i, n in enumerate(lengths)))
+    config = load_config(None, [
+        "model.d_in=32", "model.n_latents=64", "model.k=4", "data.source='esm'", f"data.store='{tmp / 'store'}'",
+        "data.layer=1", f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=64",
+        "data.buffer_size=512", "train.batch_size=64", "train.progress=false", "train.precision='fp32'",
+        f"train.out_dir='{tmp / 'run'}'",
+    ])
+    train(config)
+    return tmp
+
+
+def _brute_force(store_dir, code, n_features):
+    store = ActivationStore(store_dir)
+    rows = {w["id"]: [] for w in store.index()}
+    arrays = {s["name"]: np.load(p) for s, p in zip(store.manifest["shards"], store.shard_paths(1))}
+    for w in store.index():
+        rows[w["id"]].append(arrays[w["shard"]][w["offset"] : w["offset"] + w["rows"]])
+    dense_max, dense_frac = {}, {}
+    for protein, parts in rows.items():
+        values, indices = code(torch.from_numpy(np.concatenate(parts)))
+        acts = torch.zeros(values.shape[0], n_features).scatter_(1, indices.clamp_min(0), values.float())
+        dense_max[protein] = acts.max(dim=0).values.numpy()
+        dense_frac[protein] = (acts > 0).float().mean(dim=0).numpy()
+    return dense_max, dense_frac
+
+
+@pytest.mark.parametrize("which", ["sae", "neurons"])
+def test_pooled_activations_equal_brute_force(trained, which):
+    store = trained / "store"
+    code, n = load_sae_code(trained / "run") if which == "sae" else (neuron_code, 32)
+    pooled = protein_activations(store, 1, code, n, batch_rows=50)
+    assert pooled.max.shape == (30, n) and sorted(pooled.ids) == [f"Q{i:03d}" for i in range(30)]
+    want_max, want_frac = _brute_force(store, code, n)
+    for row, protein in enumerate(pooled.ids):
+        np.testing.assert_allclose(pooled.max[row].toarray()[0], want_max[protein], rtol=1e-6)
+        np.testing.assert_allclose(pooled.frac[row].toarray()[0], want_frac[protein], rtol=1e-6)
+    assert pooled.max.nnz > 0
+
+
+def test_saved_activations_round_trip_and_feed_enrichment(trained, tmp_path):
+    code, n = load_sae_code(trained / "run")
+    pooled = protein_activations(trained / "store", 1, code, n)
+    pooled.save(tmp_path / "acts.npz")
+    again = ProteinActivations.load(tmp_path / "acts.npz")
+    assert again.ids == pooled.ids and (again.max != pooled.max).nnz == 0
+    lines = write_study_tsv(pooled, tmp_path / "study.tsv", top_n=5)
+    text = (tmp_path / "study.tsv").read_text().splitlines()
+    assert len(text) == lines and all(len(line.split("\t")) == 2 for line in text)
+    per_feature = {}
+    for line in text:
+        per_feature.setdefault(line.split("\t")[0], []).append(line)
+    assert max(len(v) for v in per_feature.values()) <= 5
+
+
+def test_a_missing_store_is_named(tmp_path):
+    with pytest.raises(ValueError, match="not an activation store"):
+        protein_activations(tmp_path, 1, neuron_code, 32)
