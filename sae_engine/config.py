@@ -57,7 +57,7 @@ class ModelConfig:
 class DataConfig:
     """Where activations come from and how they are buffered."""
 
-    source: str = "synthetic"  # "synthetic", "shards" (.npy files) or "esm" (its own issue)
+    source: str = "synthetic"  # "synthetic", "shards" (.npy files), "esm" (a store) or "esm_live"
     paths: list[str] = field(default_factory=list)  # shard files for source = "shards"
     target_paths: list[str] = field(default_factory=list)  # transcoder targets, aligned with paths
     store: str = ""  # source = "esm": an activation store (made by `sae-engine extract`)
@@ -150,7 +150,7 @@ class RunConfig:
             "model.kind": (m.kind, ("topk", "batchtopk")),
             "model.normalize": (m.normalize, ("dataset", "layernorm", "none")),
             "model.b_dec_init": (m.b_dec_init, ("geometric_median", "mean", "zeros")),
-            "data.source": (d.source, ("synthetic", "shards", "esm")),
+            "data.source": (d.source, ("synthetic", "shards", "esm", "esm_live")),
             "train.backend": (t.backend, ("torch", "jax")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "train.precision": (t.precision, ("auto", "bf16", "fp32")),
@@ -168,8 +168,10 @@ class RunConfig:
                     fail("data.paths", path, "file not found")
             if m.is_transcoder and len(d.target_paths) != len(d.paths):
                 fail("data.target_paths", d.target_paths, f"a transcoder needs one target shard per input shard ({len(d.paths)})")
-        if d.source == "esm":
-            if not d.store:
+        if d.source == "esm_live" and not d.fasta:
+            fail("data.fasta", d.fasta, "source = 'esm_live' needs a FASTA file")
+        if d.source in ("esm", "esm_live"):
+            if d.source == "esm" and not d.store:
                 fail("data.store", d.store, "source = 'esm' needs an activation store folder")
             if m.is_transcoder and d.target_layer is None:
                 fail("data.target_layer", None, "an ESM2 transcoder needs the layer of its targets")

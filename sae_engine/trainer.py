@@ -85,9 +85,11 @@ def build_source(config: RunConfig) -> ActivationSource:
         if targets.d != m.d_out:
             raise ConfigError(f"data.target_paths: shards have d={targets.d} but model.d_out = {m.d_out}")
         return PairedSource(inputs, targets)
+    layers = [d.layer] + ([d.target_layer] if m.is_transcoder else [])
+    if d.source == "esm_live":
+        return _live_source(config, layers)
     from .esm.extract import StoreSource, ensure_store
 
-    layers = [d.layer] + ([d.target_layer] if m.is_transcoder else [])
     ensure_store(d.store, layers=layers, fasta=_fasta_subset(config), model=d.esm_model, pool=d.pool,
                  progress=config.train.progress)
     inputs = StoreSource(d.store, d.layer)
@@ -101,6 +103,20 @@ def build_source(config: RunConfig) -> ActivationSource:
     return PairedSource(inputs, targets)
 
 
+def _live_source(config: RunConfig, layers: list[int]) -> ActivationSource:
+    """ESM2 run by the ring buffer's producer (see sae_engine.esm.live)."""
+    from .esm.live import LiveSource
+    from .esm.models import load_model
+
+    m = config.model
+    source = LiveSource(_fasta_subset(config), load_model(config.data.esm_model), layers, pool=config.data.pool)
+    width = source.d // len(layers)
+    if width != m.d_in or (m.is_transcoder and width != m.d_out):
+        raise ConfigError(f"data.esm_model gives d={width} vectors but model.d_in = {m.d_in}"
+                          + (f", model.d_out = {m.d_out}" if m.is_transcoder else ""))
+    return source
+
+
 def _fasta_subset(config: RunConfig) -> Path | None:
     """The FASTA to extract from: data.fasta, or its first data.max_proteins records."""
     d = config.data
@@ -111,7 +127,7 @@ def _fasta_subset(config: RunConfig) -> Path | None:
         return fasta
     from .esm.fasta import read_fasta, write_fasta
 
-    subset = Path(d.store).expanduser().with_suffix(".input.fasta")
+    subset = Path(d.store or config.train.out_dir).expanduser().with_suffix(".input.fasta")
     if not subset.exists():
         subset.parent.mkdir(parents=True, exist_ok=True)
         tmp = subset.with_name(subset.name + ".tmp")

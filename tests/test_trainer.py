@@ -212,3 +212,32 @@ def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
     assert result.step == (residues - 128) // 64
     assert (tmp_path / "store" / "manifest.json").exists()
     assert np.isfinite(result.final["eval_fvu"]) and result.final["l0"] <= 4
+
+
+def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
+    """data.source = "esm_live": the same vectors as an extracted store, computed while training."""
+    from sae_engine.esm.extract import ActivationStore, ExtractConfig, extract_to_store
+    from sae_engine.esm.live import LiveSource
+    from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2
+
+    model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp_path / "esm2")
+    g = np.random.default_rng(5)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text("".join(f">L{i:03d}\n{''.join(g.choice(letters, g.integers(20, 70)))}\n" for i in range(40)))
+    loaded = load_model(str(model_dir))
+    live = LiveSource(fasta, loaded, [1, 2])
+    extract_to_store(fasta, loaded, tmp_path / "store", ExtractConfig(layers=(1, 2)), progress=False)
+    store = ActivationStore(tmp_path / "store")
+    stored = np.concatenate([np.load(p) for p in store.shard_paths(1)])
+    streamed = torch.cat(list(live.iter_from(0)))
+    assert streamed.shape == (len(stored), 64) and len(live) == len(stored)
+    np.testing.assert_allclose(streamed[:, :32].numpy(), stored, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat(list(live.iter_from(777))), streamed[777:])
+
+    config = _config(
+        tmp_path, "model.d_in=32", "model.d_out=32", "data.source='esm_live'", "data.layer=1",
+        "data.target_layer=2", f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=128",
+    )
+    result = train(config)
+    assert result.step == (len(stored) - 128) // 64 and np.isfinite(result.final["eval_fvu"])
