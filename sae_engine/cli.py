@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
     from .esm import extract as esm_extract, prepare as esm_prepare
 
+    from .esm import splice as esm_splice
+
     esm_prepare.register(commands)
     esm_extract.register(commands)
+    esm_splice.register(commands)
     try:
         from .go.enrich import register as register_enrich
     except ImportError:  # scipy and obonet come with the `analysis` extra

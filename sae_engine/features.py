@@ -102,8 +102,8 @@ def protein_activations(
     )
 
 
-def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
-    """The encoder of a trained run's latest checkpoint as a Code, and its number of features."""
+def load_sae_backend(run_dir: str | Path):
+    """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .config import RunConfig
     from .torch_backend import TorchSAE
@@ -113,10 +113,16 @@ def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint")
     tensors, meta = load_checkpoint(path)
     config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
-    config.train.precision = "fp32"  # analysis reads exact activations
+    config.train.precision = "fp32"
     sae = TorchSAE(config, torch.device("cpu"))
     sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-    return sae.encode, config.model.n_latents
+    return sae
+
+
+def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
+    """The encoder of a trained run's latest checkpoint as a Code, and its number of features."""
+    sae = load_sae_backend(run_dir)
+    return sae.encode, sae.config.model.n_latents
 
 
 def write_study_tsv(activations: ProteinActivations, path: str | Path, prefix: str = "f",

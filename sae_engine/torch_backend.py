@@ -159,6 +159,23 @@ class TorchSAE:
         return self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
 
     @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """An SAE's reconstruction of raw activations x [B, d_in], in x's own scale. -> [B, d_in] fp32."""
+        m = self.config.model
+        if m.is_transcoder:
+            raise ValueError("a transcoder predicts another layer; reconstruct() is for SAEs")
+        x = x.to(self.device).float()
+        xn = self._norm_in(x)
+        _, _, W_dec = self._weights()
+        values, indices = self.encode(x)
+        if m.multi_topk and m.kind == "topk":
+            values, indices = values[:, : m.k], indices[:, : m.k]
+        recon = self._decode(values, indices, W_dec, xn)
+        if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
+            return recon * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
+        return recon / self.buffers["in_scale"]
+
+    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data (no training-time BatchTopK statistics)."""
         xn, yn = self._norm_in(x.to(self.device)), self._norm_out(y.to(self.device))

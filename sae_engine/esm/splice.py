@@ -1,0 +1,133 @@
+"""Reconstruction fidelity inside ESM2: masked-LM loss with an SAE spliced in at its layer.
+
+The residual stream after block ``layer`` is replaced, at residue positions (not BOS, EOS or
+padding), by a function of it: the SAE's reconstruction, the identity (the model as it is) or
+zeros (the ablation baseline). The fraction of loss recovered is
+``(L_zero - L_sae) / (L_zero - L_model)``: 1 when the reconstruction is perfect, 0 when it is
+no better than deleting the layer's output (as InterPLM reports it). Masked positions: a fixed
+``mask_fraction`` of residues per protein, chosen by ``seed``, replaced by <mask>. Only
+intermediate layers can be spliced: the last layer's stored vectors are after the final layer
+norm, which the LM head reads directly.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .extract import Tokenizer
+from .models import LoadedModel
+
+Replace = Callable[[torch.Tensor], torch.Tensor]  # residue vectors [r, E] -> [r, E]
+
+
+@dataclass
+class LossRecovered:
+    loss_model: float
+    loss_spliced: float
+    loss_zero: float
+
+    @property
+    def fraction(self) -> float:
+        return (self.loss_zero - self.loss_spliced) / (self.loss_zero - self.loss_model)
+
+
+def _masked_tokens(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, fraction: float, seed: int):
+    """Mask ``fraction`` of each protein's residues (at least one). -> (masked tokens, bool [B, T])."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, length in enumerate(lengths.tolist()):
+        count = max(1, round(fraction * length))
+        chosen[row, 1 + torch.randperm(length, generator=g)[:count]] = True
+    return tokens.masked_fill(chosen, mask_idx), chosen
+
+
+def masked_lm_loss(loaded: LoadedModel, sequences: Sequence[str], layer: int, replace: Replace | None,
+                   mask_fraction: float = 0.15, seed: int = 0, batch_size: int = 8) -> float:
+    """Mean cross-entropy at masked residues, with block ``layer``'s output passed through ``replace``."""
+    model, alphabet = loaded.model.eval(), loaded.alphabet
+    if not loaded.info.has_lm_head:
+        raise ValueError(f"{loaded.info.description}: these weights have no masked-LM head, so there is no "
+                         "masked-LM loss to recover; use official ESM2 weights")
+    if not 1 <= layer < model.num_layers:
+        raise ValueError(f"layer must be an intermediate layer, 1..{model.num_layers - 1}; got {layer}")
+    tokenizer = Tokenizer(alphabet)
+    hook = None
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, len(sequences), batch_size):
+            chunk = list(sequences[lo : lo + batch_size])
+            tokens = tokenizer(chunk)
+            lengths = torch.tensor([len(s) for s in chunk])
+            positions = torch.arange(tokens.shape[1])
+            residue = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]
+            masked, chosen = _masked_tokens(tokens, lengths, alphabet.mask_idx, mask_fraction, seed + lo)
+            if replace is not None:
+
+                def splice(module, inputs, output, residue=residue):
+                    x, attn = output  # x: [T, B, E] inside fair-esm's blocks
+                    x = x.clone()
+                    spots = residue.T
+                    x[spots] = replace(x[spots].float()).to(x.dtype)
+                    return x, attn
+
+                hook = model.layers[layer - 1].register_forward_hook(splice)
+            with torch.inference_mode():
+                logits = model(masked)["logits"]
+            if hook is not None:
+                hook.remove()
+                hook = None
+            loss = F.cross_entropy(logits[chosen].float(), tokens[chosen], reduction="sum")
+            total += loss.item()
+            count += int(chosen.sum())
+    finally:
+        if hook is not None:
+            hook.remove()
+    return total / count
+
+
+def loss_recovered(loaded: LoadedModel, sequences: Sequence[str], layer: int, reconstruct: Replace,
+                   mask_fraction: float = 0.15, seed: int = 0) -> LossRecovered:
+    """Masked-LM loss of the model as it is, with ``reconstruct`` spliced in, and with zeros."""
+    args = dict(mask_fraction=mask_fraction, seed=seed)
+    return LossRecovered(
+        loss_model=masked_lm_loss(loaded, sequences, layer, None, **args),
+        loss_spliced=masked_lm_loss(loaded, sequences, layer, reconstruct, **args),
+        loss_zero=masked_lm_loss(loaded, sequences, layer, torch.zeros_like, **args),
+    )
+
+
+def _command(args) -> int:
+    import itertools
+    import sys
+
+    from ..features import load_sae_backend
+    from .fasta import crop, read_fasta
+    from .models import load_model
+
+    try:
+        loaded = load_model(args.model)
+        sae = load_sae_backend(args.run_dir)
+        windows = crop(itertools.islice(read_fasta(args.fasta), args.max_proteins))
+        result = loss_recovered(loaded, [w.sequence for w in windows], args.layer, sae.reconstruct, seed=args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sae-engine splice: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{loaded.info.description}\nlayer {args.layer}: masked-LM loss {result.loss_model:.4f} (model), "
+          f"{result.loss_spliced:.4f} (SAE spliced in), {result.loss_zero:.4f} (zero ablation); "
+          f"loss recovered {100 * result.fraction:.1f}%")
+    return 0
+
+
+def register(commands) -> None:
+    """Add ``sae-engine splice``."""
+    parser = commands.add_parser("splice", help="masked-LM loss recovered with an SAE spliced into ESM2")
+    parser.add_argument("--run", dest="run_dir", required=True, help="training run folder of an SAE on this layer")
+    parser.add_argument("--fasta", required=True, help="proteins to evaluate on")
+    parser.add_argument("--layer", type=int, required=True, help="the SAE's layer (intermediate layers only)")
+    parser.add_argument("--model", default="default", help="ESM2 spec with an LM head (official weights)")
+    parser.add_argument("--max-proteins", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=_command)
