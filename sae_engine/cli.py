@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_enrich(commands)
+        from .demo import register as register_demo
         from .features import register as register_features
 
         register_features(commands)
+        register_demo(commands)
     return parser
 
 
