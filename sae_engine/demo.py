@@ -5,7 +5,7 @@ first ``proteins`` human Swiss-Prot proteins (extracting the store on the way), 
 code and the ReLU'd ESM2 neurons per protein, and test every feature of both against GO. The
 headline is the share of features with at least one term at q <= 0.05, per namespace, for SAE
 features and for neurons, each feature judged on its strongest 5% of proteins (at least 10);
-tables and a JSON summary land in the output folder.
+tables, a JSON summary and the HTML report (``report/index.html``) land in the output folder.
 """
 from __future__ import annotations
 
@@ -92,6 +92,9 @@ def run_demo(out_dir: Path, proteins: int = 400, n_latents: int = 4096, data: Pa
         "neurons": _enrich(neuron_acts, ontology, annotated, ("is_a",), out_dir / "neuron_enrichment.tsv", "neuron"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    from .report import build_report
+
+    build_report(out_dir, root, LAYER)
     return summary
 
 
@@ -111,7 +114,7 @@ def _command(args: argparse.Namespace) -> int:
           f"  vs  ESM2 neurons {100 * neurons['any']:.1f}% of {neurons['features_tested']}")
     for ns in ("BP", "MF", "CC"):
         print(f"  {ns}: SAE {100 * sae[ns]:.1f}%  neurons {100 * neurons[ns]:.1f}%")
-    print(f"results in {args.out}: summary.json, sae_enrichment.tsv, neuron_enrichment.tsv, sae/ (curves.png)")
+    print(f"report: {Path(args.out) / 'report' / 'index.html'} (summary.json, enrichment tables, sae/ beside it)")
     return 0
 
 
