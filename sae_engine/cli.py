@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
         register_features(commands)
         register_demo(commands)
+        from .describe import register as register_describe
+
+        register_describe(commands)
     return parser
 
 
