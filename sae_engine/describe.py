@@ -1,7 +1,8 @@
 """LLM-written feature descriptions, scored by how well they predict held-out activations.
 
 For a feature, proteins are drawn across activation bins (the strongest, the middle of the
-active range, and inactive ones), and the prompt lists each with its Pfam families and GO terms,
+active range, and inactive ones), and the prompt lists each with its gene name, Pfam families
+and GO terms,
 as Gujral et al. do. The model answers with one sentence. To score it, the model reads the
 description and, for held-out proteins it has not seen, predicts an activation from 0 to 10;
 the score is Pearson's r between predictions and true activations. A null baseline scores each
@@ -27,13 +28,15 @@ SYSTEM = "You are an expert protein biologist interpreting features of a protein
 
 @dataclass
 class ProteinInfo:
-    """What the prompt says about a protein: Pfam families and GO term names."""
+    """What the prompt says about a protein: its name, Pfam families and GO term names."""
 
     pfam: list[str]
     go: list[str]
+    name: str = ""
 
     def line(self, accession: str) -> str:
-        return f"{accession}: Pfam {', '.join(self.pfam) or '-'}; GO {', '.join(self.go[:8]) or '-'}"
+        named = f"{accession} ({self.name})" if self.name else accession
+        return f"{named}: Pfam {', '.join(self.pfam) or '-'}; GO {', '.join(self.go[:8]) or '-'}"
 
 
 class CachedClient:
@@ -145,8 +148,10 @@ def _protein_info(data_dir: Path, go_names: dict[str, str]) -> dict[str, Protein
 
     pfam = _two_column(data_dir / "human_pfam.tsv")
     go = _two_column(data_dir / "go_annotations.tsv")
-    proteins = set(pfam) | set(go)
-    return {p: ProteinInfo(pfam.get(p, []), [go_names.get(t, t) for t in go.get(p, [])]) for p in proteins}
+    names = {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(data_dir / "human_names.tsv").items()}
+    proteins = set(pfam) | set(go) | set(names)
+    return {p: ProteinInfo(pfam.get(p, []), [go_names.get(t, t) for t in go.get(p, [])], names.get(p, ""))
+            for p in proteins}
 
 
 def _command(args) -> int:

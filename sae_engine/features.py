@@ -1,6 +1,7 @@
 """Per-protein feature activations: what GO enrichment and feature reports read.
 
-From residue vectors in an activation store and a sparse code per residue (a trained SAE's, or
+From the vectors in an activation store (residue-level, or pooled per protein for protein-level
+SAEs) and a sparse code per vector (a trained SAE's, or
 the ReLU'd ESM2 neurons as the baseline every claim is compared with), build two sparse
 ``[proteins, features]`` matrices: the maximum activation over each protein's residues, and the
 fraction of its residues on which the feature fires. A protein cut into overlapping windows
@@ -52,15 +53,16 @@ def neuron_code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def protein_activations(
     store_dir: str | Path, layer: int, code: Code, n_features: int, batch_rows: int = 8192
 ) -> ProteinActivations:
-    """Pool a per-residue sparse code over each protein of a residue-level store.
+    """Pool a sparse code over each protein's rows in a store.
 
-    code maps residue vectors [r, d] to (values, indices) [r, k] (index -1 = empty slot).
+    code maps vectors [r, d] to (values, indices) [r, k] (index -1 = empty slot). In a
+    residue-level store the rows are residues; in a pooled store (a protein-level SAE) they are
+    one vector per window, so ``max`` is the protein's own activation and ``frac`` the share of
+    its windows where the feature fires.
     """
     from .esm.extract import ActivationStore
 
     store = ActivationStore(store_dir)
-    if store.manifest["settings"].get("pool", "none") != "none":
-        raise ValueError(f"{store_dir} holds pooled protein vectors; per-protein pooling needs a residue-level store")
     windows_of: dict[str, list[dict]] = {}
     for window in store.index():
         windows_of.setdefault(window["shard"], []).append(window)

