@@ -144,11 +144,11 @@ def describe_features(client: CachedClient, acts: ProteinActivations, features: 
 
 
 def _protein_info(data_dir: Path, go_names: dict[str, str]) -> dict[str, ProteinInfo]:
-    from .report import _two_column
+    from .report import _two_column, gene_names
 
     pfam = _two_column(data_dir / "human_pfam.tsv")
     go = _two_column(data_dir / "go_annotations.tsv")
-    names = {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(data_dir / "human_names.tsv").items()}
+    names = gene_names(data_dir)
     proteins = set(pfam) | set(go) | set(names)
     return {p: ProteinInfo(pfam.get(p, []), [go_names.get(t, t) for t in go.get(p, [])], names.get(p, ""))
             for p in proteins}

@@ -48,6 +48,11 @@ def _two_column(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def gene_names(data_dir: Path) -> dict[str, str]:
+    """accession -> 'SYMBOL: gene name' from the prepared human_names.tsv (empty if absent)."""
+    return {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(Path(data_dir) / "human_names.tsv").items()}
+
+
 def _shares_figure(summary: dict, out: Path) -> None:
     plt = _plt()
     names = ["BP", "MF", "CC", "any"]
@@ -122,7 +127,7 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
     enrichment = _read_table(demo_dir / "sae_enrichment.tsv")
     acts = ProteinActivations.load(demo_dir / "sae_activations.npz")
     pfam = _two_column(data_dir / "human_pfam.tsv")
-    names = {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(data_dir / "human_names.tsv").items()}
+    names = gene_names(data_dir)
     go_terms = {row["go_id"]: row["go_name"] for row in enrichment}
     annotations = _two_column(data_dir / "go_annotations.tsv")
     sae = load_sae_backend(demo_dir / "sae")
