@@ -6,7 +6,7 @@ one to the next) on the same random sample of real human proteins (cropped to 10
 
 - ``fair-esm``: the loop of fair-esm's ``scripts/extract.py``: ``FastaBatchedDataset``, length-sorted
   batches of 4096 tokens, ``model(tokens, repr_layers=...)`` under ``no_grad``, per-protein clones;
-- ``fair-esm+malloc``: the same after :func:`~sae_engine.esm.extract.tune_allocator`;
+- ``fair-esm+malloc``: the same after :func:`~sae_engine.memory.tune_allocator`;
 - ``ours-fp32`` (without and with the allocator setting) and ``ours-bf16``: :class:`FastESM2`
   with the same batching budget, residue rows gathered per batch.
 
@@ -68,7 +68,7 @@ def ours_loop(model: Any, alphabet: Any, sequences: list[str], layers: list[int]
 
 def run_one(name: str, count: int, seed: int, layers: list[int], data_dir: str | None, threads: int | None = None) -> dict[str, Any]:
     """Time one contender in this process (after a warm-up on a few proteins)."""
-    from sae_engine.esm.extract import tune_allocator
+    from sae_engine.memory import tune_allocator
     from sae_engine.esm.models import load_esm2
 
     if threads:

@@ -21,6 +21,7 @@ import torch
 from .buffer import RingBuffer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
+from .memory import tune_allocator
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
 from .sources import ActivationSource, ShardSource, SyntheticSource
@@ -145,6 +146,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_backend(config: RunConfig, device: torch.device):
+    if device.type == "cpu":
+        # A step frees and reallocates tens of MiB: keep that memory instead of faulting it in again.
+        tune_allocator()
     if config.train.backend == "torch":
         from .torch_backend import TorchSAE
 

@@ -191,26 +191,55 @@ def test_backward_is_deterministic():
 def test_chunked_encoder_splits_rows_and_matches():
     B, d, n, k = 50, 8, 1000, 3
     x, W_enc, b_enc, _ = _inputs(B, d, n, torch.float32, seed=11)
-    assert chunked.rows_per_chunk(n, B, budget=7 * n) == 7  # 50 rows -> 8 chunks, the last short
-    original = chunked.CHUNK_ELEMENTS
-    chunked.CHUNK_ELEMENTS = 7 * n
+    assert chunked.rows_per_chunk(n, B, 4, budget=7 * n * 4) == 7  # 50 rows -> 8 chunks, the last short
+    original = chunked.CHUNK_BYTES
+    chunked.CHUNK_BYTES = 7 * n * 4
     try:
         values, indices = chunked.topk_encode(x, W_enc, b_enc, k)
     finally:
-        chunked.CHUNK_ELEMENTS = original
+        chunked.CHUNK_BYTES = original
     ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, k)
     assert torch.equal(indices, ref_indices) and _rel_err(values, ref_values) <= 1e-6
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_two_level_selection_is_exact_with_a_short_last_group(k):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_grouped_selection_is_exact(k, dtype):
     g = torch.Generator().manual_seed(12)
-    n = chunked.GROUP * chunked.TWO_LEVEL_MIN_GROUPS_PER_K * k + 5  # takes the two-level path
-    pre = torch.randn(17, n, generator=g)
-    pre[::2, -1] = 100.0  # the best latent sits in the short last group
+    n = chunked.GROUP_SIZES[0] * chunked.MIN_GROUPS_PER_K * k * 3  # two nested group levels
+    assert chunked.group_size(n, k) == chunked.GROUP_SIZES[0]
+    pre = torch.randn(17, n, generator=g).to(dtype)
+    pre[::2, -1] = 100.0  # the best latent sits in the last group
+    pre[1, :] = -pre[1, :].abs()  # no non-negative entry: selected again in float order
+    pre[3, : n - k + 1] = float("-inf")  # fewer than k finite entries
     top, idx = chunked.select_topk(pre, k)
-    ref = pre.topk(k, dim=1)
-    assert torch.equal(top, ref.values) and torch.equal(idx, ref.indices)
+    ref = pre.float().topk(k, dim=1)
+    assert torch.equal(top.float(), ref.values)
+    assert torch.equal(pre.float().gather(1, idx), ref.values)  # ties may pick other columns
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+def test_encoder_pads_rows_to_whole_groups(extra):
+    k = 2
+    n = chunked.GROUP_SIZES[0] * chunked.MIN_GROUPS_PER_K * k + extra
+    assert chunked.padded_width(n, k) % chunked.GROUP_SIZES[0] == 0
+    x, W_enc, b_enc, _ = _inputs(9, 8, n, torch.float32, seed=14)
+    b_enc[-1] = 50.0  # the last real latent wins every row
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[: n - 1] = False  # only one eligible latent: the second slot stays empty
+    values, indices = chunked.topk_encode(x, W_enc, b_enc, k, latent_mask=mask)
+    assert (indices[:, 0] == n - 1).all() and (indices[:, 1] == EMPTY).all()
+    assert (values[:, 1] == 0).all()
+
+
+def test_encoder_indices_stay_in_range_on_nan_inputs():
+    k = 2
+    n = chunked.GROUP_SIZES[0] * chunked.MIN_GROUPS_PER_K * k + 5  # padded to whole groups
+    x, W_enc, b_enc, _ = _inputs(4, 8, n, torch.float32, seed=15)
+    x[1] = float("nan")
+    _, indices = chunked.topk_encode(x, W_enc, b_enc, k)
+    assert ((indices >= 0) & (indices < n) | (indices == EMPTY)).all()
 
 
 def test_chunked_ties_keep_exact_values_and_distinct_latents():

@@ -21,8 +21,6 @@ in bfloat16 and keeps the residual stream, layer norms and attention in float32.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..memory import tune_allocator
 from .fasta import ESM2_MAX_RESIDUES, FastaError, Record, Window, crop, read_fasta
 from .prepare import write_json_atomic
 
@@ -48,27 +47,6 @@ if TYPE_CHECKING:  # fair-esm is an optional extra: imported only when a model i
 STORE_FORMAT = 1
 _POOLS = ("none", "mean", "max")
 _INDEX_FIELDS = ("keys", "ids", "starts", "residues", "offsets", "rows")
-
-
-def tune_allocator() -> bool:
-    """Make glibc keep freed memory in the process instead of returning it to the kernel.
-
-    By default glibc serves large blocks with ``mmap`` and unmaps them when freed, and trims the
-    heap top: every batch then page-faults its large tensors in again (about 40% of fair-esm's
-    loop time on a 2-core CPU). With mmap off for malloc and trimming only above 1 GiB, freed
-    blocks are reused. Process-wide; returns False where there is no glibc (then a no-op).
-    """
-    name = ctypes.util.find_library("c")
-    if not name or sys.platform != "linux":
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    ok = libc.mallopt(m_mmap_max, 0)
-    ok &= libc.mallopt(m_trim_threshold, 1 << 30)
-    ok &= libc.mallopt(m_top_pad, 64 << 20)  # grow the heap in large steps
-    return bool(ok)
 
 
 # -- the forward pass -----------------------------------------------------------------------------
