@@ -298,8 +298,8 @@ class TorchSAE:
     def _remove_parallel(self, grad: RowSparseGrad) -> RowSparseGrad:
         """Project out each decoder row's component along the row (the rows stay unit-norm)."""
         rows = self.params["W_dec"][grad.rows]
-        g = grad.grad - (grad.grad * rows).sum(dim=1, keepdim=True) * rows
-        return RowSparseGrad(grad.rows, g)
+        along = torch.einsum("ud,ud->u", grad.grad, rows)  # row-wise dots without a [U, d] temporary
+        return RowSparseGrad(grad.rows, grad.grad.addcmul_(along.unsqueeze(1), rows, value=-1.0))
 
     def _apply(self, grads, lr: float) -> None:
         t = self.config.train
