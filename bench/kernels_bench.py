@@ -161,7 +161,7 @@ def _encoder_gemm_chunked(inp: Inputs) -> Callable[[], torch.Tensor]:
     from sae_kernels.chunked import rows_per_chunk
 
     B, n = inp.shape.B, inp.shape.n
-    rows = rows_per_chunk(n, B)
+    rows = rows_per_chunk(n, B, inp.x.element_size())
     out = torch.empty(rows, n, dtype=inp.x.dtype, device=inp.x.device)
 
     def run() -> torch.Tensor:

@@ -37,6 +37,19 @@ def _resolve(impl: str, device: torch.device) -> str:
     return impl
 
 
+def _plain_call(*tensors: torch.Tensor) -> bool:
+    """Whether a call can skip the custom-op dispatcher: no gradient wanted, no tracing.
+
+    The dispatcher imports torch._dynamo on its first call (about 150 MiB resident and a
+    second), which inference and the hand-written training backward do not need.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)  # fake and functional tensors trace
+
+
 def _triton():
     """The Triton launchers, imported on first use (importing triton costs about a second)."""
     from . import triton_kernels
@@ -297,7 +310,8 @@ def topk_encode(
     Returns:
         values [B, k] in x's dtype, sorted descending per row, ReLU applied;
         indices [B, k] int64. Among exactly equal pre-activations the smaller latent index comes
-        first (the chunked path applies this to pre-activations rounded to x's dtype). When fewer
+        first on the Triton and torch paths; the chunked path keeps the same values and one of
+        the tied latents (deterministically). When fewer
         than k latents are eligible under the mask, the trailing slots hold value 0 and index -1,
         which ``sparse_decode`` and every backward pass skip.
 
@@ -306,6 +320,8 @@ def topk_encode(
     check_encode_inputs(x, W_enc, b_enc, k, latent_mask)
     impl = _resolve(impl, x.device)
     mask = None if latent_mask is None else latent_mask.bool()
+    if _plain_call(x, W_enc, b_enc):
+        return _encode(x, W_enc, b_enc, int(k), mask, impl)
     return _topk_encode_op(x, W_enc, b_enc, int(k), mask, impl)
 
 
@@ -323,4 +339,6 @@ def sparse_decode(
     """
     check_code(values, indices, W_dec)
     impl = _resolve(impl, values.device)
+    if _plain_call(values, W_dec):
+        return _decode(values, indices.long(), W_dec, impl)
     return _sparse_decode_op(values, indices.long(), W_dec, impl)

@@ -8,6 +8,9 @@ pre-activations instead of comparing indices.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -188,16 +191,13 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_chunked_encoder_splits_rows_and_matches():
+def test_chunked_encoder_splits_rows_and_matches(monkeypatch):
     B, d, n, k = 50, 8, 1000, 3
     x, W_enc, b_enc, _ = _inputs(B, d, n, torch.float32, seed=11)
-    assert chunked.rows_per_chunk(n, B, 4, budget=7 * n * 4) == 7  # 50 rows -> 8 chunks, the last short
-    original = chunked.CHUNK_BYTES
-    chunked.CHUNK_BYTES = 7 * n * 4
-    try:
-        values, indices = chunked.topk_encode(x, W_enc, b_enc, k)
-    finally:
-        chunked.CHUNK_BYTES = original
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 7 * n * 4)
+    monkeypatch.setattr(chunked, "MIN_CHUNK_ROWS", 1)
+    assert chunked.rows_per_chunk(n, B, 4) == 7  # 50 rows -> 8 chunks, the last short
+    values, indices = chunked.topk_encode(x, W_enc, b_enc, k)
     ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, k)
     assert torch.equal(indices, ref_indices) and _rel_err(values, ref_values) <= 1e-6
 
@@ -252,6 +252,21 @@ def test_chunked_ties_keep_exact_values_and_distinct_latents():
     pre = x @ W_enc.T
     assert torch.equal(pre.gather(1, indices).clamp_min(0), values)
     assert all(len(set(row.tolist())) == 7 for row in indices)
+
+
+def test_inference_calls_skip_the_dispatcher_and_its_dynamo_import():
+    script = (
+        "import sys, torch, sae_kernels\n"
+        "x, W = torch.randn(4, 8), torch.randn(64, 8)\n"
+        "values, indices = sae_kernels.topk_encode(x, W, torch.zeros(64), 3)\n"
+        "sae_kernels.sparse_decode(values, indices, W)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'dynamo imported'\n"
+        "W.requires_grad_(True)\n"
+        "sae_kernels.topk_encode(x, W, torch.zeros(64), 3)[0].sum().backward()\n"
+        "assert W.grad is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_torch_compile_traces_through_the_custom_ops():
