@@ -34,6 +34,7 @@ GROUP_SIZES = (64, 8)  # latents per group, the widest that still leaves enough 
 MIN_GROUPS_PER_K = 4  # measured: with fewer groups per selected latent one topk is faster
 CHUNK_BYTES = 32 << 20  # pre-activation buffer size, unless that leaves fewer than MIN_CHUNK_ROWS
 MIN_CHUNK_ROWS = 512  # measured: narrower GEMMs are up to 1.4x slower at n=131072
+MAX_CHUNK_BYTES = 256 << 20  # ... but never more than this for the sake of MIN_CHUNK_ROWS
 _KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -42,9 +43,10 @@ _workspace = threading.local()
 
 def rows_per_chunk(n: int, B: int, element_size: int = 4) -> int:
     """Rows per encoder chunk: those whose ``[rows, n]`` pre-activations fit ``CHUNK_BYTES``,
-    but at least ``MIN_CHUNK_ROWS`` and at most B."""
-    fits = CHUNK_BYTES // max(n * element_size, 1)
-    return max(1, min(B, max(fits, MIN_CHUNK_ROWS)))
+    or ``MIN_CHUNK_ROWS`` where those fit ``MAX_CHUNK_BYTES``; at least 1, at most B."""
+    row_bytes = max(n * element_size, 1)
+    wide_rows = min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes)
+    return max(1, min(B, max(CHUNK_BYTES // row_bytes, wide_rows)))
 
 
 def preactivation_buffer(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
