@@ -133,8 +133,14 @@ class FastESM2:
             _add_linear_(part, hidden, w2, b2)
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, layers: Sequence[int], final_norm: bool = True) -> dict[int, torch.Tensor]:
-        """Representations of ``layers`` for ``tokens`` [B, T] -> {layer: [B, T, E] float32}."""
+    def __call__(
+        self, tokens: torch.Tensor, layers: Sequence[int], final_norm: bool = True, rows: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Representations of ``layers`` for ``tokens`` [B, T] -> {layer: [B, T, E] float32}.
+
+        With ``rows`` (positions into the flattened ``B * T`` tokens, [N] int64) each layer comes
+        back as those rows only, [N, E]: one copy of what is kept instead of the whole batch.
+        """
         wanted = set(layers)
         if not wanted or min(wanted) < 0 or max(wanted) > self.num_layers:
             raise ValueError(f"layers must be in 0..{self.num_layers}, got {sorted(wanted)}")
@@ -150,8 +156,14 @@ class FastESM2:
             x = x * ((1 - 0.15 * 0.8) / (1 - observed))[:, None, None]
         x = x * (~padding).unsqueeze(-1).to(x.dtype)
         out: dict[int, torch.Tensor] = {}
+        def keep_rows(rep: torch.Tensor) -> torch.Tensor:
+            """A copy of ``rep`` [B, T, E] (or of its chosen rows)."""
+            if rows is None:
+                return rep.clone()
+            return rep.reshape(batch * length, self.embed_dim).index_select(0, rows)
+
         if 0 in wanted:
-            out[0] = x.clone()
+            out[0] = keep_rows(x)
         keep = (~padding)[:, None, None, :] if padding.any() else None  # True = may attend
         cos, sin = self._rotary_tables(length)
         flat = x.reshape(batch * length, self.embed_dim)
@@ -170,11 +182,10 @@ class FastESM2:
             depth = index + 1
             if depth in wanted:
                 rep = flat.view(batch, length, self.embed_dim)
-                if depth == self.num_layers and final_norm:
-                    rep = model.emb_layer_norm_after(rep)
+                if depth == self.num_layers and final_norm:  # the norm writes a new tensor itself
+                    out[depth] = model.emb_layer_norm_after(rep if rows is None else keep_rows(rep))
                 else:
-                    rep = rep.clone()
-                out[depth] = rep
+                    out[depth] = keep_rows(rep)
         return out
 
 
@@ -260,15 +271,15 @@ def vectors(
     """One batch through the model -> {layer: rows}; rows are every residue of every sequence
     in order (``[sum(len), E]``) for ``pool="none"``, else one pooled row per sequence ``[B, E]``."""
     tokens = tokenizer(sequences)
-    reps = runner(tokens, layers, final_norm)
     lengths = torch.tensor([len(s) for s in sequences])
     positions = torch.arange(tokens.shape[1])
     residue = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]: not BOS/EOS/pad
+    if pool == "none":
+        return runner(tokens, layers, final_norm, rows=residue.view(-1).nonzero().squeeze(1))
+    reps = runner(tokens, layers, final_norm)
     out = {}
     for layer, rep in reps.items():
-        if pool == "none":
-            out[layer] = rep[residue]
-        elif pool == "mean":
+        if pool == "mean":
             out[layer] = (rep * residue[..., None]).sum(1) / lengths[:, None]
         else:
             out[layer] = rep.masked_fill(~residue[..., None], -math.inf).amax(1)
