@@ -233,6 +233,14 @@ def test_encoder_pads_rows_to_whole_groups(extra):
     assert (values[:, 1] == 0).all()
 
 
+def test_encoder_results_do_not_alias_its_reused_buffer():
+    x, W_enc, b_enc, _ = _inputs(16, 8, 600, torch.float32, seed=16)
+    first = chunked.topk_encode(x, W_enc, b_enc, 4)
+    kept = [t.clone() for t in first]
+    chunked.topk_encode(-x, W_enc, b_enc, 4)  # same shapes: the same buffer, other contents
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
 def test_encoder_indices_stay_in_range_on_nan_inputs():
     k = 2
     n = chunked.GROUP_SIZES[0] * chunked.MIN_GROUPS_PER_K * k + 5  # padded to whole groups
