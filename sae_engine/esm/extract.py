@@ -156,6 +156,7 @@ class FastESM2:
             x = x * ((1 - 0.15 * 0.8) / (1 - observed))[:, None, None]
         x = x * (~padding).unsqueeze(-1).to(x.dtype)
         out: dict[int, torch.Tensor] = {}
+
         def keep_rows(rep: torch.Tensor) -> torch.Tensor:
             """A copy of ``rep`` [B, T, E] (or of its chosen rows)."""
             if rows is None:
