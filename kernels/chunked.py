@@ -78,19 +78,19 @@ def padded_width(n: int, k: int) -> int:
     return wide if group_size(wide, k) else n
 
 
-def _topk_keys(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top k of contiguous integer ``keys[R, m]`` per row. -> (keys [R, k] descending,
-    positions [R, k] int64)."""
+def _topk_keys(keys: torch.Tensor, k: int, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top k of contiguous integer ``keys[R, m]`` per row. -> (keys [R, k], descending
+    when ``ordered``; positions [R, k] int64)."""
     R, m = keys.shape
     G = group_size(m, k)
     if not G:
-        return keys.topk(k, dim=1)
+        return keys.topk(k, dim=1, sorted=ordered)
     groups = keys.view(R * (m // G), G)
-    _, chosen = _topk_keys(groups.amax(dim=1).view(R, m // G), k)  # [R, k] group ids
+    _, chosen = _topk_keys(groups.amax(dim=1).view(R, m // G), k, ordered=False)  # [R, k] group ids
     # Whole groups copied as contiguous rows: no [R, k * G] index arithmetic.
     first_group = torch.arange(0, R * (m // G), m // G, device=keys.device).unsqueeze(1)
     candidates = groups.index_select(0, (chosen + first_group).view(-1)).view(R, k * G)
-    top, pos = _topk_keys(candidates, k)
+    top, pos = _topk_keys(candidates, k, ordered)
     return top, chosen.gather(1, pos // G) * G + pos % G
 
 
