@@ -194,15 +194,22 @@ def test_example_configs_load():
             assert config.model.k <= config.model.n_latents
 
 
-def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
-    """data.source = "esm": a real fair-esm ESM2 (small, random weights) feeds the trainer."""
+def _small_esm2_and_fasta(tmp_path, prefix: str, seed: int, count: int, lengths: tuple[int, int]):
+    """A real fair-esm ESM2 (2 layers, width 32, random weights) saved in Hugging Face format, and
+    a FASTA of ``count`` random proteins with lengths in ``lengths``. -> (model dir, FASTA path)."""
     from sae_engine.esm.models import random_esm2, save_hf_esm2
 
     model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp_path / "esm2")
-    g = np.random.default_rng(3)
+    g = np.random.default_rng(seed)
     letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
     fasta = tmp_path / "proteins.fasta"
-    fasta.write_text("".join(f">P{i:03d}\n{''.join(g.choice(letters, g.integers(30, 90)))}\n" for i in range(60)))
+    fasta.write_text("".join(f">{prefix}{i:03d}\n{''.join(g.choice(letters, g.integers(*lengths)))}\n" for i in range(count)))
+    return model_dir, fasta
+
+
+def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
+    """data.source = "esm": a real fair-esm ESM2 (small, random weights) feeds the trainer."""
+    model_dir, fasta = _small_esm2_and_fasta(tmp_path, "P", seed=3, count=60, lengths=(30, 90))
     config = _config(
         tmp_path, "model.d_in=32", "data.source='esm'", f"data.store='{tmp_path / 'store'}'", "data.layer=1",
         f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=128",
@@ -218,13 +225,9 @@ def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
     """data.source = "esm_live": the same vectors as an extracted store, computed while training."""
     from sae_engine.esm.extract import ActivationStore, ExtractConfig, extract_to_store
     from sae_engine.esm.live import LiveSource
-    from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2
+    from sae_engine.esm.models import load_model
 
-    model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp_path / "esm2")
-    g = np.random.default_rng(5)
-    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
-    fasta = tmp_path / "proteins.fasta"
-    fasta.write_text("".join(f">L{i:03d}\n{''.join(g.choice(letters, g.integers(20, 70)))}\n" for i in range(40)))
+    model_dir, fasta = _small_esm2_and_fasta(tmp_path, "L", seed=5, count=40, lengths=(20, 70))
     loaded = load_model(str(model_dir))
     live = LiveSource(fasta, loaded, [1, 2])
     extract_to_store(fasta, loaded, tmp_path / "store", ExtractConfig(layers=(1, 2)), progress=False)
