@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .parallel.dims import ParallelConfig
+
 
 class ConfigError(ValueError):
     """A config value that cannot work, with the key and the value in the message."""
@@ -105,6 +107,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,7 +117,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], origin: str = "config") -> RunConfig:
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{origin}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
@@ -140,6 +143,10 @@ class RunConfig:
                            ("train.batch_size", t.batch_size), ("data.buffer_size", d.buffer_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(key, value, "must be a positive integer")
+        for key, value, why in self.parallel.problems():
+            fail(key, value, why)
+        if self.parallel.latent > m.n_latents:
+            fail("parallel.latent", self.parallel.latent, f"exceeds model.n_latents = {m.n_latents}: each latent rank needs a latent")
         if m.k > m.n_latents:
             fail("model.k", m.k, f"must not exceed model.n_latents = {m.n_latents}")
         if m.d_out is not None and m.d_out < 1:
