@@ -84,3 +84,15 @@ def test_latent_ranges_cover_uneven_n():
     assert latent_ranges(3, 3) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(ValueError, match="cannot split 3 latents over 4"):
         latent_ranges(3, 4)
+
+
+def test_decoder_backward_of_a_code_wider_than_the_shard():
+    """A rank's part of a k-wide code on fewer than k rows (EMPTY elsewhere) backpropagates."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 8, generator=g)
+    indices = torch.tensor([[2, -1, -1, 0, -1, 3], [-1, -1, -1, -1, -1, 1]])
+    values = torch.rand(2, 6, generator=g)
+    grad_out = torch.randn(2, 8, generator=g)
+    grads = sae_kernels.sparse_decode_backward(grad_out, values, indices, W)
+    want = torch.einsum("bd,bkd->bk", grad_out, W[indices.clamp_min(0)]) * (indices >= 0)
+    torch.testing.assert_close(grads.dvalues, want)
