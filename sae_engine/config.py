@@ -145,8 +145,8 @@ class RunConfig:
                 fail(key, value, "must be a positive integer")
         for key, value, why in self.parallel.problems():
             fail(key, value, why)
-        if self.parallel.latent > m.n_latents:
-            fail("parallel.latent", self.parallel.latent, f"exceeds model.n_latents = {m.n_latents}: each latent rank needs a latent")
+        if self.parallel.latent >= 1 and (why := self.parallel.check_latents(m.n_latents)):
+            fail("parallel.latent", self.parallel.latent, f"{why} (model.n_latents = {m.n_latents})")
         if m.k > m.n_latents:
             fail("model.k", m.k, f"must not exceed model.n_latents = {m.n_latents}")
         if m.d_out is not None and m.d_out < 1:

@@ -24,6 +24,8 @@ from .config import ConfigError, RunConfig
 from .memory import tune_allocator
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
+from .parallel import apply as parallel
+from .parallel.checkpoint import read_meta
 from .sources import ActivationSource, ShardSource, SyntheticSource
 
 
@@ -219,6 +221,9 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.train.out_dir)
         self.device = resolve_device(config.train.device)
+        self.mesh = parallel.setup(config, self.device)  # None: one plain process
+        self.device = self.device if self.mesh is None else self.mesh.device
+        self.is_main = self.mesh is None or self.mesh.is_main
         source = build_source(config)
         d = config.data
         if len(source) <= d.eval_tokens:
@@ -232,7 +237,7 @@ class Trainer:
         self.total_steps = budget // config.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"{budget} training vectors make no full batch of train.batch_size = {config.train.batch_size}")
-        self.backend = make_backend(config, self.device)
+        self.backend = make_backend(config, self.device) if self.mesh is None else parallel.parallelize(config, self.mesh)
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self.step = 0
 
@@ -254,17 +259,24 @@ class Trainer:
         tensors = dict(self.backend.state_tensors())
         tensors["buffer.unserved"] = buffer_state["unserved"].float()
         tensors["buffer.rng"] = buffer_state["rng"]
+        if self.mesh is not None:
+            return parallel.save(self.run_dir, self.step, tensors, meta, self.mesh, self.config)
         return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
-        tensors, meta = load_checkpoint(path)
+        meta = read_meta(path)
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
+        if parallel.needs_parallel_load(path, self.mesh):
+            tensors = parallel.load(path, self.backend, self.mesh, self.config)
+        else:
+            tensors, meta = load_checkpoint(path)
         self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
         self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
         self.step = meta["step"]
-        self.log.truncate_after(self.step)
+        if self.is_main:
+            self.log.truncate_after(self.step)
 
     def _initialize(self) -> None:
         sample = self.eval_batch if self.eval_batch is not None else next(self.train_source.iter_from(0))
@@ -275,15 +287,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.config.to_json())
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
             self._initialize()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.config.to_json())
         lr_peak = self.config.learning_rate
-        progress = _progress(self.total_steps, self.step, t.progress)
+        progress = _progress(self.total_steps, self.step, t.progress and self.is_main)
         window_start, window_steps = time.perf_counter(), 0
         last: dict[str, float] = {}
         interrupted = False
@@ -292,7 +305,7 @@ class Trainer:
                 batch = self.buffer.next_batch(t.batch_size, drop_last=True)
                 if batch is None:
                     break
-                x, y = _split(batch, self.config.model.d_in)
+                x, y = _split(parallel.local_rows(batch, self.mesh), self.config.model.d_in)
                 lr = learning_rate(self.step, self.total_steps, lr_peak, t.warmup_steps, t.decay, t.decay_start)
                 metrics = self.backend.train_step(x, y, lr)
                 _check_finite(self.step, batch, metrics)
@@ -313,7 +326,8 @@ class Trainer:
                     break
         progress.close()
         self.save()
-        plot_curves(self.log.read(), self.run_dir / "curves.png")
+        if self.is_main:
+            plot_curves(self.log.read(), self.run_dir / "curves.png")
         return TrainResult(self.run_dir, self.step, self.step * t.batch_size, last, interrupted)
 
     def _log(self, metrics: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float) -> dict[str, float]:
@@ -322,7 +336,8 @@ class Trainer:
         record.update({name: float(value) for name, value in metrics.items()})
         record.update(self.backend.latent_stats(steps * t.batch_size))
         record["tokens_per_s"] = steps * t.batch_size / max(elapsed, 1e-9)
-        self.log.write(record)
+        if self.is_main:
+            self.log.write(record)
         return record
 
     def _evaluate(self) -> dict[str, float]:
@@ -333,7 +348,8 @@ class Trainer:
             for key, value in self.backend.evaluate(x[lo:hi], y[lo:hi]).items():
                 results.setdefault(key, []).append(value)
         record = {key: float(sum(v) / len(v)) for key, v in results.items()}
-        self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
+        if self.is_main:
+            self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
         return record
 
 

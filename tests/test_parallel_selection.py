@@ -80,10 +80,11 @@ def test_merge_orders_ties_by_index_and_empties_last():
 
 
 def test_latent_ranges_cover_uneven_n():
-    assert latent_ranges(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert latent_ranges(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert latent_ranges(3, 3) == [(0, 1), (1, 2), (2, 3)]
-    with pytest.raises(ValueError, match="cannot split 3 latents over 4"):
-        latent_ranges(3, 4)
+    for n, parts in ((3, 4), (5, 4)):  # 5 over 4: 2, 2, 1 and an empty rank
+        with pytest.raises(ValueError, match=f"cannot split {n} latents over {parts} ranks"):
+            latent_ranges(n, parts)
 
 
 def test_decoder_backward_of_a_code_wider_than_the_shard():

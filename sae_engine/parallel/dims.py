@@ -30,17 +30,26 @@ class ParallelConfig:
                 out.append((key, value, "must be a positive integer"))
         return out
 
+    def check_latents(self, n_latents: int) -> str | None:
+        """Why ``latent`` ranks cannot split ``n_latents`` latents, or None."""
+        try:
+            latent_ranges(n_latents, self.latent)
+        except ValueError as error:
+            return str(error)
+        return None
+
 
 def latent_ranges(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) latent ranges for ``parts`` ranks; the first ``n % parts`` get one more.
+    """Contiguous [lo, hi) latent ranges for ``parts`` ranks: ceil(n / parts) each, the last fewer.
 
-    >>> latent_ranges(10, 3)
-    [(0, 4), (4, 7), (7, 10)]
+    The same split as a DTensor sharded on dim 0 (torch.chunk), which is what lets
+    torch.distributed.checkpoint reshard the rows onto another mesh.
+
+    >>> latent_ranges(10, 4)
+    [(0, 3), (3, 6), (6, 9), (9, 10)]
     """
-    if not 1 <= parts <= n:
-        raise ValueError(f"cannot split {n} latents over {parts} ranks (each needs at least one)")
-    base, extra = divmod(n, parts)
-    bounds = [0]
-    for rank in range(parts):
-        bounds.append(bounds[-1] + base + (rank < extra))
-    return list(zip(bounds[:-1], bounds[1:]))
+    size = -(-n // parts) if parts >= 1 else 0
+    if parts < 1 or (parts - 1) * size >= n:
+        raise ValueError(f"cannot split {n} latents over {parts} ranks of ceil(n / ranks) = {size} latents "
+                         "without leaving a rank empty")
+    return [(min(r * size, n), min((r + 1) * size, n)) for r in range(parts)]

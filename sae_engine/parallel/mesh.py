@@ -67,8 +67,9 @@ def check_parallel(parallel: ParallelConfig, n_latents: int, world_size: int | N
     if D * L != world_size:
         raise ConfigError(f"[parallel] data = {D} x latent = {L} = {D * L} ranks, but torchrun started "
                           f"WORLD_SIZE = {world_size} processes; make them equal")
-    if L > n_latents:
-        raise ConfigError(f"parallel.latent = {L} exceeds model.n_latents = {n_latents}: every latent rank needs a latent")
+    why = parallel.check_latents(n_latents)
+    if why:
+        raise ConfigError(f"parallel.latent = {L}: {why} (model.n_latents = {n_latents})")
 
 
 def build_mesh(parallel: ParallelConfig, n_latents: int, device_type: str, timeout_s: float = 600.0) -> ParallelMesh | None:
