@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,9 @@ def load_rows(path: Path, like: dict[str, torch.Tensor], n: int, mesh: ParallelM
             state[key] = torch.empty_like(t)
     for key in extra:
         state[key] = torch.empty(tuple(stored[key].size), dtype=stored[key].properties.dtype)
-    dcp.load(state, storage_reader=reader, no_dist=mesh is None)
+    with warnings.catch_warnings():  # one process reading on purpose
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=mesh is None)
     out = {}
     for key, value in state.items():
         local = value.to_local() if isinstance(value, DTensor) else value
