@@ -321,7 +321,7 @@ class Trainer:
                     last.update(self._evaluate())
                 if self.step % t.checkpoint_every == 0:
                     self.save()
-                if stop.signal is not None:
+                if parallel.any_rank(stop.signal is not None, self.mesh):
                     interrupted = True
                     break
         progress.close()

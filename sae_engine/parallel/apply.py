@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
 from .checkpoint import is_sharded, load_rows, save_sharded
@@ -37,6 +38,16 @@ def local_rows(batch: torch.Tensor, mesh: ParallelMesh | None) -> torch.Tensor:
         return batch
     size = batch.shape[0] // mesh.data
     return batch[mesh.data_rank * size : (mesh.data_rank + 1) * size]
+
+
+def any_rank(flag: bool, mesh: ParallelMesh | None) -> bool:
+    """Whether ``flag`` holds on any rank: every rank stops at the same step (a signal reaches
+    torchrun's processes at different moments, and a rank that stops alone hangs the rest)."""
+    if mesh is None:
+        return flag
+    votes = torch.tensor([float(flag)], device=mesh.device)
+    dist.all_reduce(votes)
+    return bool(votes.item() > 0)
 
 
 def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], mesh: ParallelMesh,

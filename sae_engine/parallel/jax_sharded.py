@@ -9,6 +9,8 @@ parts. Rows of x are split over ``data``.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,7 @@ def merge_candidates(keys: jax.Array, indices: jax.Array, k: int) -> tuple[jax.A
     return jnp.where(empty, 0.0, jnp.maximum(top, 0.0)), jnp.where(empty, EMPTY, chosen)
 
 
+@partial(jax.jit, static_argnames=("k", "mesh"))
 def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
     """``topk_encode`` of x [B, d] over W_enc [n, d] split on ``latent``. -> (values [B, k] in
     x's dtype, indices [B, k] int32), equal to one device's ``sae_kernels.jax.topk_encode``."""
@@ -80,6 +83,7 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
                          out_specs=(P("data"), P("data")), check_vma=False)(x, W, b, mask)
 
 
+@partial(jax.jit, static_argnames=("mesh",))
 def sharded_decode(values, indices, W_dec, mesh: Mesh):
     """``sparse_decode`` of a code with global indices [B, k] over W_dec [n, d] split on ``latent``."""
     W = pad_rows(W_dec, mesh.shape["latent"], 0)
