@@ -251,3 +251,47 @@ def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
     )
     result = train(config)
     assert result.step == (len(stored) - 128) // 64 and np.isfinite(result.final["eval_fvu"])
+
+
+def test_trainer_takes_any_source_and_third_parties_register_theirs(tmp_path, monkeypatch):
+    """Trainer(config, source) reads whatever it is given; a registered source gets its own table."""
+    from dataclasses import dataclass
+
+    from sae_engine import registry
+    from sae_engine.sources import ArraySource
+
+    data = torch.from_numpy(np.random.default_rng(2).standard_normal((1600, 16)).astype(np.float32))
+    result = train(_config(tmp_path), ArraySource(data))
+    assert result.step == (1600 - 256) // 64
+
+    @dataclass
+    class PlantedOptions:
+        scale: float = 1.0
+
+    def check(options, config):
+        if options.scale <= 0:
+            raise ConfigError(f"data.planted.scale = {options.scale}: must be positive")
+
+    built = []
+
+    def build(options, config):
+        built.append(options.scale)
+        return ArraySource(options.scale * data)
+
+    monkeypatch.setitem(registry._registered, "planted", registry.SourceSpec("planted", PlantedOptions, build, check))
+    with pytest.raises(ConfigError, match="data.planted.scale = -1.0: must be positive"):
+        _config(tmp_path, "data.source='planted'", "data.planted.scale=-1.0")
+    config = _config(tmp_path / "planted", "data.source='planted'", "data.planted.scale=2.0")
+    assert train(config).step == (1600 - 256) // 64 and built == [2.0]
+    assert json.loads((tmp_path / "planted" / "run" / "config.json").read_text())["data"]["planted"] == {"scale": 2.0}
+
+
+def test_a_source_of_the_wrong_width_or_an_empty_shard_is_refused(tmp_path):
+    from sae_engine.sources import ArraySource
+
+    with pytest.raises(ConfigError, match=r"vectors of d=12, but the model needs d=16 \(model.d_in\)"):
+        train(_config(tmp_path), ArraySource(torch.zeros(1000, 12)))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16), np.float32))
+    config = _config(tmp_path, "data.source='shards'", f"data.shards.paths=['{tmp_path / 'empty.npy'}']")
+    with pytest.raises(ValueError, match="empty.npy holds no rows"):
+        train(config)
