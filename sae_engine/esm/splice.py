@@ -37,8 +37,12 @@ class LossRecovered:
         return (self.loss_zero - self.loss_spliced) / (self.loss_zero - self.loss_model)
 
 
-def _masked_tokens(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, fraction: float, seed: int):
-    """Mask ``fraction`` of each protein's residues (at least one). -> (masked tokens, bool [B, T])."""
+def mask_residues(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, fraction: float,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``fraction`` of each protein's residues (at least one), chosen by ``seed``.
+
+    tokens [B, T] (BOS, residues, EOS, padding), lengths [B] -> (masked tokens [B, T], chosen bool [B, T]).
+    """
     g = torch.Generator().manual_seed(seed)
     chosen = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, length in enumerate(lengths.tolist()):
@@ -49,7 +53,10 @@ def _masked_tokens(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, f
 
 def masked_lm_loss(loaded: LoadedModel, sequences: Sequence[str], layer: int, replace: Replace | None,
                    mask_fraction: float = 0.15, seed: int = 0, batch_size: int = 8) -> float:
-    """Mean cross-entropy at masked residues, with block ``layer``'s output passed through ``replace``."""
+    """Mean cross-entropy at masked residues, with block ``layer``'s output passed through ``replace``.
+
+    Batches of ``batch_size`` sequences; batch ``i`` masks with seed ``seed + i * batch_size``.
+    """
     model, alphabet = loaded.model.eval(), loaded.alphabet
     if not loaded.info.has_lm_head:
         raise ValueError(f"{loaded.info.description}: these weights have no masked-LM head, so there is no "
@@ -66,7 +73,7 @@ def masked_lm_loss(loaded: LoadedModel, sequences: Sequence[str], layer: int, re
             lengths = torch.tensor([len(s) for s in chunk])
             positions = torch.arange(tokens.shape[1])
             residue = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]
-            masked, chosen = _masked_tokens(tokens, lengths, alphabet.mask_idx, mask_fraction, seed + lo)
+            masked, chosen = mask_residues(tokens, lengths, alphabet.mask_idx, mask_fraction, seed + lo)
             if replace is not None:
 
                 def splice(module, inputs, output, residue=residue):
