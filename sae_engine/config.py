@@ -5,8 +5,7 @@ A run config has three sections, ``[model]``, ``[data]`` and ``[train]``; see
 source's own settings live in its sub-table (``[data.synthetic]``, ``[data.shards]``,
 ``[data.esm]``), parsed into the options dataclass that the source registers
 (:mod:`sae_engine.registry`). Every check happens before any work starts, and each failure names
-the offending key and value. Validation is hand-written: the checks span sections and sources
-(a transcoder needs target shards), which a schema library would not say more simply.
+the offending key and value.
 """
 from __future__ import annotations
 
@@ -163,6 +162,7 @@ class RunConfig:
         config.validate(origin)
         return config
 
+    # Hand-written: the rules span sections and sources (a transcoder needs target shards); a schema library would not say them more simply.
     def validate(self, origin: str = "config") -> None:
         """Check every value, and the options of ``data.source`` with that source's own check."""
         m, d, t = self.model, self.data, self.train
