@@ -66,3 +66,19 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return tensors, meta
+
+
+def load_trained_sae(run_dir: str | Path):
+    """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
+    from .config import RunConfig
+    from .torch_backend import TorchSAE
+
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
+    tensors, meta = load_checkpoint(path)
+    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
+    config.train.precision = "fp32"
+    sae = TorchSAE(config, torch.device("cpu"))
+    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
+    return sae

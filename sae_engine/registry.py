@@ -5,17 +5,16 @@ of the ``[data.<name>]`` table), a check of those options against the whole run 
 when the config is loaded, before any work), and a builder. Built-in sources are listed here
 as ``"module:attribute"`` and imported only when used, so naming one imports nothing heavy;
 other packages add theirs with :func:`register_source`. The trainer imports none of them.
+This module imports nothing of the engine (config and sources import it), so a run config and
+an activation source appear below as ``Any``: a :class:`~sae_engine.config.RunConfig` and a
+:class:`~sae_engine.sources.ActivationSource`.
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .config import RunConfig
-    from .sources import ActivationSource
+from typing import Any
 
 _BUILTIN = {
     "synthetic": "sae_engine.sources:SYNTHETIC",
@@ -37,8 +36,8 @@ class SourceSpec:
 
     name: str
     options: type
-    build: Callable[[Any, RunConfig], ActivationSource]
-    check: Callable[[Any, RunConfig], None] | None = None
+    build: Callable[[Any, Any], Any]  # (options, RunConfig) -> ActivationSource
+    check: Callable[[Any, Any], None] | None = None  # (options, RunConfig) -> None, or raises ConfigError
     table: str | None = None
 
     @property
@@ -85,7 +84,7 @@ def table_spec(table: str) -> SourceSpec:
     raise UnknownSourceError(table)
 
 
-def build_source(config: RunConfig) -> ActivationSource:
-    """The activation source ``config.data`` describes, built by its registered spec."""
+def build_source(config: Any) -> Any:
+    """The activation source a RunConfig's ``data`` describes, built by its registered spec."""
     spec = get_source(config.data.source)
     return spec.build(config.data.options, config)

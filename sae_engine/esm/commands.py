@@ -63,14 +63,14 @@ def _extract(args: argparse.Namespace) -> int:
 def _splice(args: argparse.Namespace) -> int:
     import itertools
 
-    from ..features import load_sae_backend
+    from ..checkpoint import load_trained_sae
     from .fasta import crop, read_fasta
     from .models import load_model
     from .splice import loss_recovered
 
     try:
         loaded = load_model(args.model)
-        sae = load_sae_backend(args.run_dir)
+        sae = load_trained_sae(args.run_dir)
         windows = crop(itertools.islice(read_fasta(args.fasta), args.max_proteins))
         result = loss_recovered(loaded, [w.sequence for w in windows], args.layer, sae.reconstruct, seed=args.seed)
     except (FileNotFoundError, ValueError) as error:
