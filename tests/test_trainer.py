@@ -230,7 +230,8 @@ def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
 
 def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
     """data.source = "esm_live": the same vectors as an extracted store, computed while training."""
-    from sae_engine.esm.extract import ActivationStore, ExtractConfig, extract_to_store
+    from sae_engine.esm.extract import ExtractConfig, extract_to_store
+    from sae_engine.esm.store import ActivationStore
     from sae_engine.esm.live import LiveSource
     from sae_engine.esm.models import load_model
 
