@@ -350,12 +350,13 @@ def load_esm2(spec: str | None = None, *, data_dir: str | Path | None = None, tr
 def random_esm2(num_layers: int = 2, embed_dim: int = 32, attention_heads: int = 4, seed: int = 0) -> ESM2:
     """A small fair-esm ESM2 with random weights everywhere (no parameter keeps its initial value),
     for tests and smoke runs: a loader that silently leaves a default in place cannot pass."""
-    torch.manual_seed(seed)
-    model = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
-                 alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        model = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
+                     alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
     return model.eval()
 
 
