@@ -24,11 +24,12 @@ from sae_engine.parallel.checkpoint import load_rows
 from sae_engine.parallel.export import export_sharded
 from sae_engine.parallel.launch import run_local
 from sae_engine.torch_backend import TorchSAE
+from sae_engine.registry import build_source
 from sae_engine.trainer import Trainer
 
 BATCH = 32
 BASE = ["model.d_in=16", "model.n_latents=45", "model.k=4", "model.dead_tokens=64", "model.k_aux=8",
-        "data.synthetic_tokens=2048", "data.buffer_size=256", "data.eval_tokens=64", f"train.batch_size={BATCH}",
+        "data.synthetic.tokens=2048", "data.buffer_size=256", "data.eval_tokens=64", f"train.batch_size={BATCH}",
         "train.progress=false", "train.checkpoint_every=3", "train.log_every=3", "train.eval_every=6",
         "train.precision='fp32'", "train.lr=1e-3", "train.warmup_steps=0", "train.device='cpu'"]
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -41,7 +42,8 @@ def _overrides(out_dir: Path, steps: int, latent: int = 1, data: int = 1) -> lis
 
 def _train(overrides: list[str], kill_at: int | None = None) -> int:
     """One rank's run; with kill_at, global rank 1 sends itself SIGKILL before that step."""
-    trainer = Trainer(load_config(None, overrides))
+    config = load_config(None, overrides)
+    trainer = Trainer(config, build_source(config))
     if kill_at is not None and int(os.environ.get("RANK", 0)) == 1:
         step = trainer.backend.train_step
 
@@ -112,15 +114,15 @@ def test_kill_one_rank_then_resume_is_exact(tmp_path):
 def test_bad_meshes_are_clear_errors_and_write_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="needs 2 processes: start it with torchrun"):
-        Trainer(load_config(None, _overrides(out, 4, latent=2))).run()
+        _train(_overrides(out, 4, latent=2))
     with pytest.raises(ConfigError, match=r"parallel.latent = 46: cannot split 45 latents"):
         load_config(None, _overrides(out, 4, latent=46))
     with pytest.raises(ConfigError, match="does not split over parallel.data = 3"):
-        Trainer(load_config(None, _overrides(out, 4, data=3)))
+        _train(_overrides(out, 4, data=3))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="= 2 ranks, but torchrun started WORLD_SIZE = 3"):
-        Trainer(load_config(None, _overrides(out, 4, latent=2)))
+        _train(_overrides(out, 4, latent=2))
     assert not out.exists()
 
 
@@ -129,5 +131,5 @@ def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):
     assert _train(_overrides(out, 2)) == 2
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(ConfigError, match="the checkpoint's \\[model\\] differs"):
-        Trainer(load_config(None, _overrides(out, 4) + ["model.n_latents=50"])).run()
+        _train(_overrides(out, 4) + ["model.n_latents=50"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written

@@ -24,7 +24,7 @@ STEPS, BATCH, LR = 20, 32, 1e-3
 
 
 def _configs() -> dict[str, RunConfig]:
-    base = {"data": {"synthetic_tokens": 4096, "buffer_size": 1024, "eval_tokens": 0},
+    base = {"data": {"synthetic": {"tokens": 4096}, "buffer_size": 1024, "eval_tokens": 0},
             "train": {"batch_size": BATCH, "lr": LR, "warmup_steps": 0, "precision": "fp32", "device": "cpu"}}
     models = {
         # Dead latents after 64 tokens: AuxK runs from the first statistics on.
