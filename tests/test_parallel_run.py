@@ -68,7 +68,7 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "sae_engine.cli", "train", *args]
+               "-m", "sae_engine", "train", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=180)
 
 
