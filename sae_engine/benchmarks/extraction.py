@@ -1,7 +1,7 @@
 """ESM2 extraction throughput: ``sae-engine bench esm [--proteins 100] [--layers 3,6] [--json]``.
 
-fair-esm's own loop against ``sae_engine.esm.extract``, every contender in a fresh process
-(allocator state and caches do not leak from one to the next) on the same proteins:
+fair-esm's own loop against ``sae_engine.esm.extract`` on the same proteins, on the CPU every
+contender in a fresh process (allocator state and caches do not leak from one to the next):
 
 - ``fair-esm`` and ``fair-esm-bf16``: the loop of fair-esm's ``scripts/extract.py``
   (``FastaBatchedDataset``, length-sorted batches of 4096 tokens, ``model(tokens,
@@ -21,6 +21,7 @@ on the weights). Accuracy against fair-esm's fp32 output is checked in this proc
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import random
 import sys
@@ -58,8 +59,10 @@ def sample_sequences(count: int, seed: int = 0, fasta: str | None = None, synthe
     return [r.sequence[:MAX_RESIDUES] for r in rng.sample(records, count)]
 
 
+@functools.cache
 def load_model(spec: str, device: str) -> tuple[Any, Any]:
-    """(fair-esm ESM2 in eval mode on ``device``, its alphabet) for a spec (see the module doc)."""
+    """(fair-esm ESM2 in eval mode on ``device``, its alphabet) for a spec (see the module doc);
+    loaded once per process (no contender changes it)."""
     if spec.startswith("random:"):
         import esm
 
@@ -195,7 +198,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, of {', '.join(CONTENDERS)}")
     parser.add_argument("--accuracy-proteins", type=int, default=24, help="proteins in the accuracy check (0: skip)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--in-process", action="store_true", help="every contender in this process (quick checks)")
+    parser.add_argument("--in-process", action="store_true", help="every contender in this process (default on CUDA; quick checks on the CPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     try:
@@ -224,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     options = {"model": args.model, "device": args.device, "proteins": args.proteins, "seed": args.seed,
                "fasta": args.fasta, "synthetic": args.random_sequences, "layers": args.layer_list}
     try:  # fail early, in this process, on a missing model or FASTA
-        load_model(args.model, "cpu")
+        load_model(args.model, args.device)
         sample_sequences(args.proteins, args.seed, args.fasta, args.random_sequences)
     except (OSError, ValueError) as err:
         print(f"sae-engine bench esm: error: {err}", file=sys.stderr)
         return 2
     info = machine_info(args.device, ("fair-esm",))
-    rows = run_all(args.contender_list, options, isolate=not args.in_process)
+    rows = run_all(args.contender_list, options, isolate=args.device == "cpu" and not args.in_process)
     auto = auto_vs_faster(rows, info["auto_precision"])
     errors = accuracy(options, min(args.proteins, args.accuracy_proteins)) if args.accuracy_proteins else {}
     if args.json:

@@ -21,9 +21,10 @@ Each peer is compared at its faster setting on this machine. All contenders see 
 every step and start without dead latents, so no one runs an AuxK pass (the engine switches it
 off as its trainer does after its first statistics window).
 
-Each contender lives in its own spawned process (:mod:`.harness`), so its peak memory is its
-own: on the CPU the peak resident set above the level before its model was built (libraries
-already imported), on CUDA ``torch.cuda.max_memory_allocated``. ``peak MiB`` thus holds
+On the CPU each contender lives in its own spawned process (:mod:`.harness`), so its peak memory
+is its own: the peak resident set above the level before its model was built (libraries already
+imported). On CUDA they share this process and ``torch.cuda.max_memory_allocated`` above the
+level before each was built is its own. ``peak MiB`` thus holds
 parameters, optimizer state and the step's temporaries; ``step+ MiB`` only the temporaries.
 Steps are timed round-robin across the processes (one step of each in turn) and medians are
 kept, so background load hits every contender alike; ``--sequential`` holds one contender at a
@@ -429,7 +430,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sequential", action="store_true",
                         help="one contender in memory at a time (large n on small machines; not interleaved)")
     parser.add_argument("--in-process", action="store_true",
-                        help="every contender in this process (quick checks: peak memory then mixes contenders)")
+                        help="every contender in this process (default on CUDA; on the CPU peak memory then mixes contenders)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     args.precisions = _csv(parser, args.precision, PRECISIONS, "--precision")
@@ -463,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = Spec(args.d_in, args.n_latents, args.k, args.batch, args.device, args.backend)
     info = machine_info(args.device, ("jax", "eai-sparsify", "sae-lens"))
-    rows = measure(cases_for(args), spec, args.steps, args.warmup, args.sequential, isolate=not args.in_process)
+    isolate = args.device == "cpu" and not args.in_process  # CUDA: the allocator's peak is per contender anyway
+    rows = measure(cases_for(args), spec, args.steps, args.warmup, args.sequential, isolate=isolate)
     headline = rows[0]
     if headline.step_s is None:
         print(f"sae-engine bench train-step: error: our step ({headline.contender} {headline.precision} "
