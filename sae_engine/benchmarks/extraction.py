@@ -50,7 +50,7 @@ def sample_sequences(count: int, seed: int = 0, fasta: str | None = None, synthe
     from sae_engine.esm.fasta import load_fasta
 
     if fasta is None:
-        from sae_engine.esm.prepare import data_dir
+        from sae_engine.esm.datadir import data_dir
 
         fasta = str(data_dir() / "human.fasta")
     records = load_fasta(fasta)
