@@ -127,7 +127,8 @@ def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     monkeypatch.setitem(sys.modules, "scipy.sparse", None)
     assert cli_main(["bench", "enrich", "--json"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.strip() == "sae-engine bench enrich: needs scipy: pip install 'sae-engine[analysis]'"
+    assert captured.out == "" and captured.err == ("sae-engine bench enrich: error: needs the 'analysis' extra (module 'scipy' is "
+                                                "missing): pip install 'sae-engine[analysis]'\n")
 
 
 def test_bad_shape_names_the_value(capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         if extra is None or err.name is None or err.name.startswith("sae_engine"):
             raise
-        print(f"sae-engine bench {argv[0]}: needs {err.name.split('.')[0]}: pip install 'sae-engine[{extra}]'", file=sys.stderr)
+        module_missing = err.name.split(".")[0]
+        print(f"sae-engine bench {argv[0]}: error: needs the '{extra}' extra (module '{module_missing}' is missing): "
+              f"pip install 'sae-engine[{extra}]'", file=sys.stderr)
         return 2
     return module.main(argv[1:])

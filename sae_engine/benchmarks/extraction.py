@@ -217,7 +217,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if importlib.util.find_spec("esm") is None:
-        print("sae-engine bench esm: needs fair-esm: pip install 'sae-engine[esm]'", file=sys.stderr)
+        print("sae-engine bench esm: error: needs the 'esm' extra (module 'esm' is missing): "
+              "pip install 'sae-engine[esm]'", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sae-engine bench esm: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
