@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         from .describe import register as register_describe
 
         register_describe(commands)
+        from .evaluation import register as register_evaluate
+
+        register_evaluate(commands)
     return parser
 
 

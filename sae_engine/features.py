@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+_NPZ_KEYS = ("ids", "shape", "max_data", "max_indices", "max_indptr", "frac_data", "frac_indices", "frac_indptr")
 Code = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # [r, d] -> values, indices [r, k]
 
 
@@ -38,11 +39,28 @@ class ProteinActivations:
 
     @classmethod
     def load(cls, path: str | Path) -> ProteinActivations:
-        z = np.load(path)
-        shape = tuple(z["shape"])
-        matrix = {name: sp.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=shape)
-                  for name in ("max", "frac")}
-        return cls([str(i) for i in z["ids"]], matrix["max"], matrix["frac"])
+        """Read a file written by :meth:`save`; anything else raises ValueError naming the file."""
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read as a ProteinActivations .npz: {error}") from error
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single array, not a ProteinActivations .npz (written by `sae-engine features`)")
+        with z:
+            missing = sorted(set(_NPZ_KEYS) - set(z.files))
+            if missing:
+                raise ValueError(f"{path}: not a ProteinActivations .npz (written by `sae-engine features`): "
+                                 f"missing {', '.join(missing)}")
+            try:
+                shape = tuple(int(v) for v in z["shape"])
+                ids = [str(i) for i in z["ids"]]
+                matrix = {name: sp.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=shape)
+                          for name in ("max", "frac")}
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}: malformed ProteinActivations .npz: {error}") from error
+        if len(ids) != shape[0]:
+            raise ValueError(f"{path}: {len(ids)} ids for {shape[0]} rows")
+        return cls(ids, matrix["max"], matrix["frac"])
 
 
 def neuron_code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
