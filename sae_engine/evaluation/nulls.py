@@ -35,14 +35,10 @@ def random_unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
 
 def random_directions_in_store(store_dir: str | Path, layer: int, seed: int):
     """``ProteinActivations`` of ``d`` random directions of a store's layer, ReLU'd and pooled
-    like the neurons (``sae_engine.features.protein_activations``)."""
+    like the neurons (``sae_engine.features.pooled_dense``)."""
     from ..esm.extract import ActivationStore
-    from ..features import protein_activations
+    from ..features import pooled_dense
 
     d = int(ActivationStore(store_dir).manifest["settings"]["d"])
     directions = torch.from_numpy(random_unit_vectors(d, d, seed).astype(np.float32))  # [d, d]
-
-    def code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (x.float() @ directions.T).clamp_min(0), torch.arange(d).expand(x.shape[0], -1)
-
-    return protein_activations(store_dir, layer, code, d)
+    return pooled_dense(store_dir, layer, lambda x: (x.float() @ directions.T).clamp_min(0), d)
