@@ -190,8 +190,11 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
         "<p>Each unit's activation is residualized on log length and the 20 amino-acid fractions; its best GO term "
         "and F1-maximizing threshold are chosen on discovery proteins; it passes when, on held-out proteins, F1 "
         "&ge; 0.5 and its top proteins are still enriched for the term (q &le; 0.05). Null families (grey) are "
-        f"scored by the same code; the best null's pass share, {100 * evaluation['false_pass_floor']:.1f}%, is the "
-        f"false-pass floor ({floor_state} the {100 * evaluation['floor_limit']:.0f}% limit).</p>"
+        "scored by the same code. Composition units and permuted labels know nothing beyond what the controls "
+        f"remove: their best pass share, {100 * evaluation['false_pass_floor']:.1f}%, is the false-pass floor "
+        f"({floor_state} the {100 * evaluation['floor_limit']:.0f}% limit; dashed). Random directions of ESM2's "
+        "activation space know what that space knows: they are the baseline of a random dictionary, and the "
+        "last column compares every family with the best null, random directions included.</p>"
         + _family_table(evaluation)
         + "<img src='pass.png' alt='pass share and distinct terms per family'>"
         + f"<h2>At matched counts</h2><p>Equal-size subsets matched by activation frequency.</p><ul>{matched}</ul>"

@@ -10,8 +10,9 @@
    namespace; the unit's best term and its F1-maximizing threshold.
 4. Held out: with term and threshold fixed, a unit passes when its F1 >= 0.5 and its held-out
    top-N is enriched for the term (q <= 0.05).
-5. Nulls, evaluated by the same code: random directions, composition units, labels permuted
-   within length deciles. Their pass share is the false-pass floor (<= 5 %).
+5. Nulls, evaluated by the same code: composition units and labels permuted within length
+   deciles (their pass share is the false-pass floor, <= 5 %), and random directions of the
+   activation space (the baseline of a random dictionary; see ``summary.summarize``).
 
 Modules: :mod:`.controls` (split, covariates, residuals), :mod:`.units` (the tests),
 :mod:`.nulls`, :mod:`.pipeline` (families and nulls together), :mod:`.summary` (headline,

@@ -1,5 +1,8 @@
-"""Null families: units that cannot know biology beyond what the controls remove, evaluated by
-the same code as the real ones. Their pass share is the false-pass floor.
+"""Null families, evaluated by the same code as the real ones.
+
+Composition units and permuted labels cannot know biology beyond what the controls remove: their
+pass share is the false-pass floor. Random directions are the baseline of a random dictionary:
+they know what the activation space knows (in ESM2's, protein families such as kinases).
 
 - Random directions: ReLU'd projections on random unit vectors of the ESM2 activations, pooled
   per protein exactly like the neurons (needs the activation store).

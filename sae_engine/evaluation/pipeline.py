@@ -13,7 +13,8 @@ from .nulls import composition_units
 from .units import ALPHA, DEFAULT_TOP_N, MAX_TERM, MAX_TERM_SHARE, MIN_F1, MIN_TERM, Labels, UnitResults, evaluate_units
 
 N_COMPOSITION = 200
-NULL_FLOOR = 0.05  # the most a null family may pass
+NULL_FLOOR = 0.05  # the most a label-free null family may pass
+RANDOM_DIRECTIONS = "random_directions"
 
 
 @dataclass
@@ -77,7 +78,7 @@ def evaluate(families: dict[str, sp.spmatrix | np.ndarray], ids: list[str], sequ
         result.families[name] = run(name, acts)
     if random_directions is not None:
         result.random_directions_source = "random directions in the activation store, pooled like the neurons"
-        result.nulls["random_directions"] = run("null random_directions", random_directions)
+        result.nulls[RANDOM_DIRECTIONS] = run("null random_directions", random_directions)
     else:
         result.random_directions_source = "not run: needs the activation store (--store, --layer)"
     result.nulls["composition"] = run("null composition",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..go.ontology import NAMESPACES, Ontology
-from .pipeline import NULL_FLOOR, Evaluation
+from .pipeline import NULL_FLOOR, RANDOM_DIRECTIONS, Evaluation
 from .units import UnitResults
 
 TABLE_COLUMNS = ("unit", "frequency", "r2", "go_id", "go_name", "namespace", "discovery_p", "discovery_q",
@@ -40,12 +40,23 @@ def _term_id(ontology: Ontology | None, term: int) -> str:
 
 
 def summarize(evaluation: Evaluation, ontology: Ontology | None = None) -> dict:
-    """The content of ``evaluation.json``: settings, every family and null family, the floor."""
+    """The content of ``evaluation.json``: settings, every family and null family, the floor.
+
+    The false-pass floor is the best pass share among the nulls that know nothing but length,
+    composition or shuffled labels (composition, permuted labels); it must stay within
+    ``floor_limit``. Random directions are reported beside them and enter ``best_null`` (what
+    each family is compared with), not the floor: a random direction of the activation space
+    knows what that space knows (ESM2's, protein families included), so it is the baseline of
+    a random dictionary rather than a false pass.
+    """
     settings = evaluation.settings
     families = {name: family_summary(r, ontology) for name, r in evaluation.families.items()}
     nulls = {name: family_summary(r, ontology) for name, r in evaluation.nulls.items()}
+    label_free = {name: s for name, s in nulls.items() if name != RANDOM_DIRECTIONS}
+    floor_null = max(label_free, key=lambda name: label_free[name]["pass_share"]) if label_free else None
+    floor = label_free[floor_null]["pass_share"] if floor_null else 0.0
     best_null = max(nulls, key=lambda name: nulls[name]["pass_share"]) if nulls else None
-    floor = nulls[best_null]["pass_share"] if best_null else 0.0
+    best = nulls[best_null]["pass_share"] if best_null else 0.0
     return {
         "proteins": len(evaluation.ids),
         "discovery_proteins": int(evaluation.discovery.sum()),
@@ -58,10 +69,12 @@ def summarize(evaluation: Evaluation, ontology: Ontology | None = None) -> dict:
         "families": families,
         "nulls": nulls,
         "false_pass_floor": floor,
-        "best_null": best_null,
+        "false_pass_null": floor_null,
         "floor_limit": NULL_FLOOR,
         "nulls_within_limit": floor <= NULL_FLOOR,
-        "pass_share_minus_best_null": {name: s["pass_share"] - floor for name, s in families.items()},
+        "best_null": best_null,
+        "best_null_pass_share": best,
+        "pass_share_minus_best_null": {name: s["pass_share"] - best for name, s in families.items()},
     }
 
 
@@ -149,16 +162,17 @@ def table_name(family: str, null: bool = False) -> str:
 
 def headline(summary: dict) -> list[str]:
     """Printable lines: one per family and null family."""
-    floor = summary["false_pass_floor"]
+    best = summary["best_null_pass_share"]
     lines = [f"{'family':<34}{'units':>7}{'pass':>7}{'share':>8}{'terms':>7}{'med F1':>8}{'- best null':>12}"]
     for group in ("families", "nulls"):
         for name, s in summary[group].items():
             f1 = f"{s['median_f1']:.2f}" if s["median_f1"] is not None else "-"
-            diff = f"{100 * (s['pass_share'] - floor):+.1f}%" if group == "families" else ""
+            diff = f"{100 * (s['pass_share'] - best):+.1f}%" if group == "families" else ""
             label = name if group == "families" else f"null: {name}"
             lines.append(f"{label:<34}{s['units']:>7}{s['passing']:>7}{100 * s['pass_share']:>7.1f}%"
                          f"{s['distinct_terms']:>7}{f1:>8}{diff:>12}")
     state = "within" if summary["nulls_within_limit"] else "ABOVE"
-    lines.append(f"false-pass floor (best null: {summary['best_null']}): {100 * floor:.1f}%, {state} the "
-                 f"{100 * summary['floor_limit']:.0f}% limit")
+    lines.append(f"false-pass floor (composition and permuted-label nulls; highest: {summary['false_pass_null']}): "
+                 f"{100 * summary['false_pass_floor']:.1f}%, {state} the {100 * summary['floor_limit']:.0f}% limit")
+    lines.append(f"best null: {summary['best_null']} at {100 * best:.1f}%")
     return lines
