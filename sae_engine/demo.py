@@ -86,6 +86,17 @@ def _families(out_dir: Path, store: Path, ids: list[str], means: np.ndarray, see
     return {name: family.max for name, family in acts.items()}
 
 
+def _enrichment_table(acts, labels, top_n: int, out: Path) -> None:
+    """Every SAE feature's GO enrichment over all sampled proteins (q <= 0.05 rows), the input
+    ``sae-engine describe`` picks features from. Not held out, not controlled: the evaluation is
+    what says whether a feature passes."""
+    from .go.enrich import enrich_features, study_sets, write_table
+
+    result = enrich_features(study_sets(acts, top_n=2 * top_n), labels.annotations, labels.ontology.namespace,
+                             labels.ancestors)
+    write_table(out, result, [f"f{i}" for i in range(acts.shape[1])], labels.ontology, max_q=0.05)
+
+
 def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4096, data: Path | None = None,
              seed: int = 0) -> dict:
     """Run the whole pipeline into ``out_dir``; returns the summary (also saved as summary.json)."""
@@ -142,6 +153,7 @@ def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4
     result = evaluate(families, ids, [sequence[p] for p in ids], labels.annotations, labels.ontology.namespace,
                       labels.ancestors, settings, random_directions=random_directions)
     evaluation = write_evaluation(out_dir / "evaluation", result, labels.ontology)
+    _enrichment_table(families["sae"], labels, settings.top_n, out_dir / "sae_enrichment.tsv")
     matched = {f"{name} vs {REFERENCE}": matched_comparison(result.families[name], result.families[REFERENCE])
                for name in result.families if name != REFERENCE}
     summary = {
