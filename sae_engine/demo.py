@@ -41,13 +41,14 @@ def sample_proteins(fasta: Path, n: int, seed: int = 0, min_length: int = MIN_LE
     return [records[i] for i in chosen]
 
 
-def _train(overrides: list[str]):
-    """Train a run from config overrides (the demo's settings; see examples/ for the layout)."""
+def _train(overrides: list[str], source=None):
+    """Train a run from config overrides (the demo's settings; see examples/ for the layout),
+    on ``source`` when given, else on the source the config names."""
     from .config import load_config
     from .trainer import train
 
     config = load_config(None, overrides)
-    return config, train(config)
+    return config, train(config, source)
 
 
 def _last_metrics(run_dir: Path) -> dict:
@@ -108,6 +109,7 @@ def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4
     from .evaluation.inputs import load_labels
     from .features import mean_vectors
     from .precision import resolve_precision
+    from .sources import ArraySource
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,24 +127,20 @@ def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4
     print(f"[2/5] a residue-level SAE ({n_latents} latents, k={K})", file=sys.stderr)
     _, trained = _train([
         f"model.n_latents={n_latents}", f"model.k={K}", "model.dead_tokens=200000",
-        "data.source='esm'", f"data.store='{store}'", f"data.layer={LAYER}", "data.buffer_size=65536",
+        "data.source='esm'", f"data.esm.store='{store}'", f"data.esm.layer={LAYER}", "data.buffer_size=65536",
         "data.eval_tokens=8192", "train.batch_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
         "train.decay='cosine'", "train.eval_every=50", "train.checkpoint_every=50", f"train.out_dir='{out_dir / 'sae'}'",
     ])
     print(f"[3/5] a protein-level SAE on mean-pooled vectors ({PROTEIN_LATENTS} latents, k={PROTEIN_K}, "
           f"{PROTEIN_EPOCHS} epochs)", file=sys.stderr)
     ids, means = mean_vectors(store, LAYER)
-    epochs = out_dir / "protein_vectors.npy"
-    if not epochs.exists():
-        order = np.concatenate([np.random.default_rng(seed + e).permutation(len(ids)) for e in range(PROTEIN_EPOCHS)])
-        np.save(epochs, means[order])
+    order = np.concatenate([np.random.default_rng(seed + e).permutation(len(ids)) for e in range(PROTEIN_EPOCHS)])
     _, protein_trained = _train([
         f"model.n_latents={PROTEIN_LATENTS}", f"model.k={PROTEIN_K}", f"model.dead_tokens={20 * len(ids)}",
-        "data.source='shards'", f"data.paths=['{epochs}']", "data.buffer_size=16384",
-        f"data.eval_tokens={min(256, len(ids) // 4)}", "train.batch_size=256", "train.lr=1e-3", "train.warmup_steps=20",
-        "train.decay='cosine'", "train.eval_every=50", "train.checkpoint_every=100",
-        f"train.out_dir='{out_dir / 'protein_sae'}'",
-    ])
+        "data.buffer_size=16384", f"data.eval_tokens={min(256, len(ids) // 4)}", "train.batch_size=256",
+        "train.lr=1e-3", "train.warmup_steps=20", "train.decay='cosine'", "train.eval_every=50",
+        "train.checkpoint_every=100", f"train.out_dir='{out_dir / 'protein_sae'}'",
+    ], ArraySource(means[order]))  # every protein once per epoch, reshuffled each epoch
     print("[4/5] per-protein activations of every family", file=sys.stderr)
     families = _families(out_dir, store, ids, means, seed)
     random_directions = families.pop("random_directions")
