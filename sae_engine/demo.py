@@ -177,7 +177,6 @@ def matched_lines(summary: dict) -> list[str]:
     """The matched-count comparison, one line per pair."""
     lines = []
     for pair, m in summary["matched"].items():
-        name, reference = pair.split(" vs ")
         lines.append(f"  {pair} ({m['units_each']} units each, matched by activation frequency): pass "
                      f"{100 * m['a']['pass_share']:.1f}% vs {100 * m['b']['pass_share']:.1f}%, distinct terms "
                      f"{m['a']['distinct_terms']} vs {m['b']['distinct_terms']}")
