@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     esm_prepare.register(commands)
     esm_extract.register(commands)
     esm_splice.register(commands)
+    from .interop.commands import register as register_interop
+
+    register_interop(commands)
     try:
         from .go.enrich import register as register_enrich
     except ImportError:  # scipy and obonet come with the `analysis` extra

@@ -8,6 +8,7 @@ checkpoint resumes it: on the CPU the resumed run is bitwise identical to an uni
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import signal
 import time
@@ -261,6 +262,12 @@ class Trainer:
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
+        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
+            self.backend.load_state_tensors(tensors, 0, False)
+            logging.getLogger(__name__).warning(
+                "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
+                meta["imported_from"]["path"], meta["imported_from"]["format"])
+            return
         self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
         self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
         self.step = meta["step"]
