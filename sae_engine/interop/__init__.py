@@ -44,10 +44,6 @@ def load_model(path: str | Path, fmt: str, k: int | None = None, row_cap: int | 
     path = Path(path)
     if not path.exists():
         raise InteropError(f"{path}: no such file or folder")
-    if module is sparsify:
-        if k is not None or row_cap is not None:
-            raise InteropError("--k and --row-cap are for threshold encoders; sparsify models carry their k")
-        return module.load(path)
     return module.load(path, k=k, row_cap=row_cap)
 
 

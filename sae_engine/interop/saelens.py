@@ -105,6 +105,8 @@ def load(path: Path, k: int | None = None, row_cap: int | None = None) -> Portab
     if arch == "topk":
         if "k" not in cfg:
             raise InteropError(f"{cfg_path}: a topk SAE without k")
+        if k is not None and k != cfg["k"]:
+            raise InteropError(f"{cfg_path}: --k {k} differs from the file's k = {cfg['k']}")
         sae.k = cfg["k"]
     else:
         if k is None:

@@ -40,8 +40,9 @@ def save(sae: PortableSAE, out: Path) -> Path:
     return publish_dir(tmp, out)
 
 
-def load(path: Path) -> PortableSAE:
-    """A sparsify folder as a PortableSAE (fp32)."""
+def load(path: Path, k: int | None = None, row_cap: int | None = None) -> PortableSAE:
+    """A sparsify folder as a PortableSAE (fp32). ``k``, when given, must equal the file's;
+    ``row_cap`` is for threshold encoders and unused here."""
     cfg_path, weights_path = path / CONFIG, path / WEIGHTS
     if not path.is_dir() or not cfg_path.exists() or not weights_path.exists():
         raise InteropError(f"{path}: not a sparsify folder (needs {CONFIG} and {WEIGHTS})")
@@ -54,6 +55,8 @@ def load(path: Path) -> PortableSAE:
         raise InteropError(f"{cfg_path}: activation = {cfg['activation']!r}: sae-engine runs TopK only")
     if "k" not in cfg:
         raise InteropError(f"{cfg_path}: no k")
+    if k is not None and k != cfg["k"]:
+        raise InteropError(f"{cfg_path}: --k {k} differs from the file's k = {cfg['k']}")
     skip = bool(cfg.get("skip_connection", False))
     names = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"] + (["W_skip"] if skip else [])
     missing = [name for name in names if name not in tensors]
