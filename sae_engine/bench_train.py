@@ -139,6 +139,10 @@ def build_ours(spec: Spec, x: torch.Tensor, optimizer: str) -> Step:
     config.train.precision, config.train.optimizer = spec.precision, optimizer
     config.train.batch_size, config.train.seed = spec.batch, spec.seed
     config.validate("bench")
+    if spec.device == "cpu":  # its own worker process: tuned as the CLI tunes a training process
+        from .memory import tune_allocator
+
+        tune_allocator()
     sae = make_backend(config, torch.device(spec.device))
     sae.initialize(x, x)
     sae.aux_active = False  # no dead latents yet: the trainer's loop turns AuxK off, as here

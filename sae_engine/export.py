@@ -7,7 +7,6 @@ the run's config as JSON in the file's metadata (key ``config``) and the step (k
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .checkpoint import MODEL_KEYS_PREFIXES, latest_checkpoint, load_checkpoint
 
 
@@ -49,13 +49,10 @@ def load_run_weights(run_dir: str | Path) -> RunWeights:
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file and a rename."""
+    """Write a safetensors file whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def export_native(run_dir: str | Path, out: str | Path) -> Path:

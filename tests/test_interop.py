@@ -20,7 +20,7 @@ from sae_engine.interop import FORMATS, InteropError, PortableSAE, kernel_weight
 from sae_engine.trainer import train
 
 D, N, K = 16, 48, 4
-SMALL = [f"model.d_in={D}", f"model.n_latents={N}", f"model.k={K}", "data.synthetic_tokens=768",
+SMALL = [f"model.d_in={D}", f"model.n_latents={N}", f"model.k={K}", "data.synthetic.tokens=768",
          "data.buffer_size=256", "data.eval_tokens=128", "train.batch_size=64", "train.progress=false",
          "train.precision='fp32'", "train.warmup_steps=2", "train.eval_every=100"]
 
@@ -148,7 +148,7 @@ def test_imported_run_continues_training_with_a_fresh_optimizer(tmp_path, caplog
     assert cli_main(["import", str(folder), "--format", "saelens", "--out", str(run)]) == 0
     imported, meta = load_checkpoint(latest_checkpoint(run))
     assert meta["imported_from"]["format"] == "saelens" and meta["step"] == 0
-    config = load_config(run / "train.toml", ["data.synthetic_tokens=448", "data.eval_tokens=128",
+    config = load_config(run / "train.toml", ["data.synthetic.tokens=448", "data.eval_tokens=128",
                                               "data.buffer_size=256", "train.batch_size=64", "train.progress=false",
                                               "train.lr=1e-9", "train.warmup_steps=0"])
     with caplog.at_level(logging.WARNING):

@@ -67,7 +67,7 @@ def _same(code_a: torch.Tensor, out_a: torch.Tensor, code_b: torch.Tensor, out_b
 def runs(tmp_path_factory):
     """Tiny synthetic runs (dataset normalisation on, so export must fold the scale)."""
     root = tmp_path_factory.mktemp("runs")
-    base = [f"model.d_in={D}", f"model.n_latents={N}", f"model.k={K}", "data.synthetic_tokens=1280",
+    base = [f"model.d_in={D}", f"model.n_latents={N}", f"model.k={K}", "data.synthetic.tokens=1280",
             "data.buffer_size=256", "data.eval_tokens=128", "train.batch_size=64", "train.progress=false",
             "train.precision='fp32'", "train.lr=1e-3", "train.warmup_steps=2", "train.eval_every=100"]
     kinds = {

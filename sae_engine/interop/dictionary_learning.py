@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .portable import RELU_THRESHOLD, InteropError, PortableSAE, publish_dir, staging_dir
+from ..atomic import atomic_path
+from .portable import RELU_THRESHOLD, InteropError, PortableSAE
 
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
@@ -42,10 +43,11 @@ def save(sae: PortableSAE, out: Path) -> Path:
     }
     config = {"trainer": {"dict_class": CLASSES[sae.kind], "activation_dim": sae.d_in, "dict_size": sae.n_latents,
                           "k": sae.k}}
-    tmp = staging_dir(out)
-    torch.save(state, tmp / WEIGHTS)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    return publish_dir(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    return out
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:

@@ -12,8 +12,6 @@ row has more than ``row_cap`` latents above the threshold.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 import sae_kernels
 from sae_kernels import EMPTY
 
+from ..atomic import atomic_path
 from ..checkpoint import save_checkpoint
 from ..config import ConfigError, RunConfig
 from ..export import ExportError, RunWeights
@@ -162,27 +161,6 @@ def check_fresh(out: Path) -> None:
         raise InteropError(f"--out {out} already exists; choose a new path (nothing was written)")
 
 
-def publish_dir(tmp: Path, out: Path) -> Path:
-    """Move a finished temporary folder to ``out`` (an empty ``out`` is replaced)."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    if out.exists():
-        out.rmdir()
-    os.rename(tmp, out)
-    return out
-
-
-def staging_dir(out: Path) -> Path:
-    """A temporary folder beside ``out`` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def _toml_value(value: Any) -> str:
     return json.dumps(value)  # ints, floats, bools (true/false), strings: TOML reads JSON's spelling
 
@@ -224,8 +202,8 @@ def write_run(sae: PortableSAE, out_dir: str | Path, imported_from: dict[str, st
             backend.buffers["batchtopk_threshold"].fill_(sae.threshold or 0.0)
     meta = {"config": config.to_dict(), "step": 0, "tokens": 0, "adam_count": 0, "aux_active": False,
             "imported_from": imported_from}
-    tmp = staging_dir(out_dir)
-    try:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
         save_checkpoint(tmp, 0, backend.state_tensors(), meta)
         (tmp / "config.json").write_text(config.to_json())
         lines = ["# Continue training: sae-engine train --config THIS_FILE --set data.source=... (data settings)\n",
@@ -233,10 +211,7 @@ def write_run(sae: PortableSAE, out_dir: str | Path, imported_from: dict[str, st
         lines += [f"{key} = {_toml_value(value)}\n" for key, value in config.to_dict()["model"].items() if value is not None]
         lines += ["\n[train]\n", f"out_dir = {_toml_value(str(out_dir))}\n"]
         (tmp / "train.toml").write_text("".join(lines))
-        return publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out_dir
 
 
 def note(message: str) -> None:

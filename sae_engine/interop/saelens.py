@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .portable import RELU_THRESHOLD, InteropError, PortableSAE, publish_dir, staging_dir
+from ..atomic import atomic_path
+from .portable import RELU_THRESHOLD, InteropError, PortableSAE
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -49,10 +50,11 @@ def save(sae: PortableSAE, out: Path) -> Path:
                        d_out=sae.d_out)
             if sae.W_skip is not None:
                 weights["W_skip"] = sae.W_skip
-    tmp = staging_dir(out)
-    save_file({name: t.float().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
-    return publish_dir(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({name: t.float().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+    return out
 
 
 def _require(tensors: dict[str, torch.Tensor], names: list[str], where: Path) -> None:

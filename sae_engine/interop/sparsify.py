@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .portable import InteropError, PortableSAE, publish_dir, staging_dir
+from ..atomic import atomic_path
+from .portable import InteropError, PortableSAE
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae.safetensors"
@@ -34,10 +35,11 @@ def save(sae: PortableSAE, out: Path) -> Path:
     cfg = {"activation": "topk", "expansion_factor": max(sae.n_latents // sae.d_in, 1), "normalize_decoder": True,
            "num_latents": sae.n_latents, "k": sae.k, "multi_topk": False, "skip_connection": sae.W_skip is not None,
            "transcode": sae.transcoder, "d_in": sae.d_in}
-    tmp = staging_dir(out)
-    save_file({name: t.float().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
-    return publish_dir(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({name: t.float().contiguous() for name, t in weights.items()}, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+    return out
 
 
 def load(path: Path, k: int | None = None, row_cap: int | None = None) -> PortableSAE:
