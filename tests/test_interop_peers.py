@@ -27,6 +27,7 @@ from dictionary_learning.utils import load_dictionary  # noqa: E402
 from sae_engine.cli import main as cli_main  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
 from sae_engine.features import load_sae_backend  # noqa: E402
+from sae_engine.interop import InteropError, load_model  # noqa: E402
 from sae_engine.trainer import train  # noqa: E402
 
 D, N, K = 16, 64, 4
@@ -189,8 +190,7 @@ def test_import_from_saelens_jumprelu_with_one_threshold(tmp_path):
     with torch.no_grad():
         peer.threshold[3] = 0.5
     peer.save_model(tmp_path / "uneven")
-    with pytest.raises(Exception, match="per-latent JumpReLU thresholds"):
-        from sae_engine.interop import load_model
+    with pytest.raises(InteropError, match="per-latent JumpReLU thresholds"):
         load_model(tmp_path / "uneven", "saelens", k=K)
 
 

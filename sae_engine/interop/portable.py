@@ -12,7 +12,6 @@ row has more than ``row_cap`` latents above the threshold.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,3 @@ def write_run(sae: PortableSAE, out_dir: str | Path, imported_from: dict[str, st
         (tmp / "train.toml").write_text("".join(lines))
     return out_dir
 
-
-def note(message: str) -> None:
-    """A line for the user on stderr (what a conversion changed or assumed)."""
-    print(f"sae-engine: {message}", file=sys.stderr)
