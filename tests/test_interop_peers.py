@@ -194,6 +194,22 @@ def test_import_from_saelens_jumprelu_with_one_threshold(tmp_path):
         load_model(tmp_path / "uneven", "saelens", k=K)
 
 
+@pytest.mark.parametrize("arch", ["StandardSAE", "SkipTranscoder"])
+def test_import_from_saelens_relu_models(arch, tmp_path):
+    """ReLU models import as threshold encoders (row cap n: every positive latent is kept)."""
+    if arch == "StandardSAE":
+        peer = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=N))
+    else:
+        peer = sae_lens.SkipTranscoder(sae_lens.SkipTranscoderConfig(d_in=D, d_sae=N, d_out=12,
+                                                                         apply_b_dec_to_input=False))
+    _randomize(peer, 10)
+    peer.save_model(tmp_path / "peer")
+    run = _import(tmp_path / "peer", "saelens", tmp_path / "run", "--k", str(K), "--row-cap", str(N))
+    x = _x(10)
+    with torch.no_grad():
+        _same(*_ours(run, x), peer.encode(x), peer(x))
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_import_from_sparsify(skip, tmp_path):
     cfg = sparsify.SparseCoderConfig(num_latents=N, k=K, transcode=skip, skip_connection=skip)
