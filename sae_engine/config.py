@@ -145,22 +145,9 @@ class RunConfig:
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{origin}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
-        built = {}
-        for name, kind in sections.items():
-            values = dict(raw.get(name, {}))
-            tables = {key: values.pop(key) for key in list(values) if name == "data" and isinstance(values[key], dict)}
-            moved = [key for key in values if name == "data" and key in MOVED_DATA_KEYS]
-            if moved:
-                raise ConfigError(f"{origin}: " + "; ".join(f"data.{key} is now {MOVED_DATA_KEYS[key]}" for key in moved)
-                                  + " (each source's settings live in its [data.<source>] table)")
-            built[name] = _dataclass_from(kind, values, f"[{name}]", origin)
-            for table, options in tables.items():
-                try:
-                    spec = table_spec(table)
-                except UnknownSourceError:
-                    raise ConfigError(f"{origin}: [data.{table}]: no activation source reads this table; "
-                                      f"sources: {source_names()}") from None
-                built[name].tables[table] = _dataclass_from(spec.options, options, f"[data.{table}]", origin)
+        built = {name: _data_from(dict(raw.get(name, {})), origin) if kind is DataConfig
+                 else _dataclass_from(kind, dict(raw.get(name, {})), f"[{name}]", origin)
+                 for name, kind in sections.items()}
         config = cls(**built)
         config.validate(origin)
         return config
@@ -232,6 +219,25 @@ def _dataclass_from(kind: type, values: dict[str, Any], table: str, origin: str)
     if extra:
         raise ConfigError(f"{origin}: unknown key(s) {sorted(extra)} in {table}; known: {sorted(known)}")
     return kind(**values)
+
+
+def _data_from(values: dict[str, Any], origin: str) -> DataConfig:
+    """``[data]``: its generic keys, then each ``[data.<name>]`` table parsed into the options of
+    the source that reads it; flat keys of the old layout are refused with their new names."""
+    tables = {key: values.pop(key) for key in list(values) if isinstance(values[key], dict)}
+    moved = [key for key in values if key in MOVED_DATA_KEYS]
+    if moved:
+        raise ConfigError(f"{origin}: " + "; ".join(f"data.{key} is now {MOVED_DATA_KEYS[key]}" for key in moved)
+                          + " (each source's settings live in its [data.<source>] table)")
+    data = _dataclass_from(DataConfig, values, "[data]", origin)
+    for table, options in tables.items():
+        try:
+            spec = table_spec(table)
+        except UnknownSourceError:
+            raise ConfigError(f"{origin}: [data.{table}]: no activation source reads this table; "
+                              f"sources: {source_names()}") from None
+        data.tables[table] = _dataclass_from(spec.options, options, f"[data.{table}]", origin)
+    return data
 
 
 def _parse_value(text: str) -> Any:

@@ -187,6 +187,12 @@ class Trainer:
             tensors = parallel.load(path, self.backend, self.mesh, self.config)
         else:
             tensors, meta = load_checkpoint(path)
+        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
+            self.backend.load_state_tensors(tensors, 0, False)
+            log.warning(
+                "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
+                meta["imported_from"]["path"], meta["imported_from"]["format"])
+            return
         self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
         self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
         self.step = meta["step"]

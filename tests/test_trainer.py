@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from sae_engine.checkpoint import latest_checkpoint
 from sae_engine.cli import main as cli_main
-from sae_engine.config import ConfigError, load_config
+from sae_engine.config import ConfigError, RunConfig, load_config
 from sae_engine.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,6 +285,8 @@ def test_trainer_takes_any_source_and_third_parties_register_theirs(tmp_path, mo
     config = _config(tmp_path / "planted", "data.source='planted'", "data.planted.scale=2.0")
     assert train(config).step == (1600 - 256) // 64 and built == [2.0]
     assert json.loads((tmp_path / "planted" / "run" / "config.json").read_text())["data"]["planted"] == {"scale": 2.0}
+    saved = json.loads((tmp_path / "planted" / "run" / "config.json").read_text())
+    assert RunConfig.from_dict(saved).to_dict() == config.to_dict()  # a saved config loads back as it was
 
 
 def test_a_source_of_the_wrong_width_or_an_empty_shard_is_refused(tmp_path):
