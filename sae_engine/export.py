@@ -43,7 +43,12 @@ def load_run_weights(run_dir: str | Path) -> RunWeights:
     path = latest_checkpoint(run_dir)
     if path is None:
         raise ExportError(f"{run_dir} holds no checkpoint (no {run_dir / 'checkpoints' / 'latest'})")
-    tensors, meta = load_checkpoint(path)
+    if (path / "dcp").is_dir():  # a sharded run
+        from .parallel.export import read_sharded
+
+        tensors, meta = read_sharded(path)
+    else:
+        tensors, meta = load_checkpoint(path)
     model = {name: t for name, t in tensors.items() if name.startswith(MODEL_KEYS_PREFIXES)}
     return RunWeights(model, meta["config"], int(meta["step"]))
 
@@ -57,10 +62,14 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], out: Path, metada
 
 def export_native(run_dir: str | Path, out: str | Path) -> Path:
     """The latest checkpoint's model tensors as one safetensors file at ``out``."""
-    weights = load_run_weights(run_dir)
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; the native export is one file (e.g. {out / 'model.safetensors'})")
+    from .parallel.export import export_if_sharded
+
+    if export_if_sharded(run_dir, out):  # a sharded run, streamed shard by shard
+        return out
+    weights = load_run_weights(run_dir)
     write_safetensors_atomic(weights.tensors, out, {"config": json.dumps(weights.config, sort_keys=True),
                                                     "step": str(weights.step)})
     return out
