@@ -6,18 +6,20 @@ an index of -1 marks an empty slot that every kernel skips. Inputs may be fp32,
 bf16 or fp16; every kernel accumulates in fp32. No kernel materialises a
 ``[B, n]`` tensor.
 
-Launchers are pure functions of tensors. They run compiled on CUDA tensors and
-through the Triton interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set
-before ``triton`` was first imported.
+Launchers are pure functions of tensors. Each kernel is a :class:`Kernel` holding
+two handles of one source: compiled for CUDA tensors, and run by Triton's
+interpreter for CPU tensors. The handle is chosen per call from the tensors'
+device; ``TRITON_INTERPRET`` plays no part and is never set.
 
 ``AOT_SPECS`` lists every kernel at the block sizes the launchers use on an H100
 for the benchmark shapes, so it can be compiled ahead of time without a GPU;
 running this file as a script prints the resulting resource table
-(``python kernels/triton_kernels.py [--json]``, with ``TRITON_INTERPRET`` unset).
+(``python -m sae_kernels.triton_kernels [--json]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -26,11 +28,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 # Largest padded k (next power of two of k) the fused encoder keeps in registers;
 # larger k must use a chunked path. Every k <= MAX_FUSED_K is accepted.
@@ -43,25 +47,83 @@ _FLOOR_KEY = tl.constexpr((-(2**31) + 0x7FFFFF) << 32)
 _MAX_KEY = tl.constexpr(2**63 - 1)
 
 
+def _language_objects() -> list[Any]:
+    """What the interpreter patches while it runs: triton.language's modules and their classes."""
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m]
+    classes = {id(v): v for m in modules for v in vars(m).values()
+               if isinstance(v, type) and v.__module__.startswith("triton.language")}
+    return modules + list(classes.values())
+
+
+@contextlib.contextmanager
+def _interpreting() -> Iterator[None]:
+    """Scope of one interpreted launch in a process whose ``triton.language`` was built compiled.
+
+    ``tl.max``, ``tl.sum``, ``tl.cdiv`` ... are themselves ``@triton.jit`` functions, built as
+    compiled ``JITFunction`` objects when triton was imported without ``TRITON_INTERPRET``, and
+    a ``JITFunction`` refuses a direct call. Inside this scope such a call runs the function as
+    the interpreter runs its own device functions. The interpreter patches ``triton.language``
+    while it runs and does not undo every patch of a nested call, so every replaced attribute
+    is put back afterwards: kernels compiled later see the language as it was. One interpreted
+    launch at a time per process (the interpreter's own patching is process-wide too).
+    """
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    call = JITFunction.__call__
+
+    def interpreted_call(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
+        handle = _DEVICE_FUNCTIONS.get(self.fn)
+        if handle is None:
+            handle = _DEVICE_FUNCTIONS[self.fn] = InterpretedFunction(self.fn)
+        return handle(*args, **kwargs)
+
+    JITFunction.__call__ = interpreted_call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = call
+        # Names the interpreter adds (its helpers, which rewritten functions look up) stay.
+        for obj, before in saved:
+            now = vars(obj)
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    setattr(obj, key, value)
+
+
+_DEVICE_FUNCTIONS: dict[Any, InterpretedFunction] = {}
+_MISSING = object()
+
+
+class Kernel:
+    """One Triton kernel with both launch handles: ``compiled`` (a ``JITFunction``) for GPU
+    tensors and ``interpreted`` (Triton's interpreter, NumPy on the host) for CPU tensors.
+
+    ``triton.jit`` builds one or the other depending on ``TRITON_INTERPRET`` at decoration
+    time; holding both lets one process run either, chosen per call by :meth:`launch`. Kernels
+    call no other ``@triton.jit`` function: the interpreter would find the compiled handle.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.compiled = JITFunction(fn)
+        self.interpreted = InterpretedFunction(fn)
+
+    @property
+    def __name__(self) -> str:
+        return self.fn.__name__
+
+    def launch(self, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
+        """Run on ``grid``: compiled for tensors on a GPU, interpreted for CPU tensors."""
+        if device.type != "cpu":
+            self.compiled[grid](*args, **kwargs)
+            return
+        with _interpreting():
+            self.interpreted[grid](*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- encoder
 
 
-@triton.jit
-def _pack_keys(vals, cols):
-    """Pack fp32 ``vals`` and int64 latent ids ``cols`` (broadcastable) into int64 keys.
-
-    High 32 bits: the float's bits mapped to a signed int that orders like the float.
-    Low 32 bits: ``2**32 - 1 - col``, so among equal values the smaller latent id wins.
-    One integer comparison then orders by value, ties by index, so plain max/min
-    reductions select a value together with its index, deterministically.
-    """
-    # Adding +0.0 turns -0.0 into +0.0 so that both zeros compare equal, as in torch.
-    bits = (vals + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (cols ^ 0xFFFFFFFF)
-
-
-@triton.jit
+@Kernel
 def _encode_topk_kernel(
     X, W, Bias, Cand,
     B, n, d, k, tiles_per_split,
@@ -119,7 +181,14 @@ def _encode_topk_kernel(
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0)[None, :]
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
-        keys = _pack_keys(acc, cols.to(tl.int64)[None, :])
+        # Pack value and latent id into one int64 key. High 32 bits: the float's bits mapped
+        # to a signed int that orders like the float (+0.0 turns -0.0 into +0.0 so both zeros
+        # compare equal, as in torch). Low 32 bits: 2**32 - 1 - col, so among equal values
+        # the smaller latent id wins. One integer comparison then orders by value, ties by
+        # index, so plain max/min reductions select a value together with its index.
+        bits = (acc + 0.0).to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (ordered.to(tl.int64) << 32) | (cols.to(tl.int64)[None, :] ^ 0xFFFFFFFF)
         # Rows past B get keys no better than any placeholder, so they never insert.
         keys = tl.where(row_ok[:, None], keys, _FLOOR_KEY)
         best = tl.max(keys, axis=1)
@@ -227,7 +296,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``_pack_keys``: int64 keys -> (fp32 values, int64 latent ids)."""
+    """Inverse of the encoder kernel's key packing: int64 keys -> (fp32 values, int64 latent ids)."""
     ordered = (keys >> 32).to(torch.int32)
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
     return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
@@ -265,14 +334,16 @@ def encode_topk(
     if B == 0:
         return torch.empty((0, k), dtype=torch.float32, device=x.device), \
             torch.empty((0, k), dtype=torch.int64, device=x.device)
-    on_gpu = x.device.type == "cuda"
-    num_sms = _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if on_gpu else None
+    interpreted = x.device.type == "cpu"
+    num_sms = None if interpreted else _sm_count(
+        torch.cuda.current_device() if x.device.index is None else x.device.index)
     plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None, allow_tf32=allow_tf32,
-                       interpreted=not on_gpu)
+                       interpreted=interpreted)
     x = x.contiguous()
     W = W.contiguous()
     cand = torch.empty((plan.splits, B, plan.k_pad), dtype=torch.int64, device=x.device)
-    _encode_topk_kernel[plan.grid](
+    _encode_topk_kernel.launch(
+        plan.grid, x.device,
         x, W, bias.contiguous() if bias is not None else x, cand,
         B, n, d, k, plan.tiles_per_split,
         **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -287,7 +358,7 @@ def encode_topk(
 # --------------------------------------------------------------------------- decoder
 
 
-@triton.jit
+@Kernel
 def _decode_kernel(
     V, I, W, Out, k, d,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -334,7 +405,8 @@ def decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
     if B == 0:
         return out
     block_j = min(_DECODE_BLOCK_J, triton.next_power_of_2(k))
-    _decode_kernel[(B, triton.cdiv(d, _DECODE_BLOCK_D))](
+    _decode_kernel.launch(
+        (B, triton.cdiv(d, _DECODE_BLOCK_D)), W.device,
         values.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
         BLOCK_J=block_j, BLOCK_D=_DECODE_BLOCK_D, num_warps=_DECODE_WARPS,
     )
@@ -344,7 +416,7 @@ def decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@Kernel
 def _gather_dot_kernel(
     G, I, W, Out, k, d,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -391,14 +463,15 @@ def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Ten
     if B == 0 or k == 0:
         return out
     block_j = min(_GATHER_BLOCK_J, triton.next_power_of_2(k))
-    _gather_dot_kernel[(B, triton.cdiv(k, block_j))](
+    _gather_dot_kernel.launch(
+        (B, triton.cdiv(k, block_j)), W.device,
         g.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
         BLOCK_J=block_j, BLOCK_D=_GATHER_BLOCK_D, num_warps=_GATHER_WARPS,
     )
     return out
 
 
-@triton.jit
+@Kernel
 def _segment_rows_kernel(
     Coeff, Order, Starts, Ends, Rows, Src, Out, Sums, k, d,
     SCATTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -468,7 +541,8 @@ def _launch_segment_rows(
     grads = out if scatter else torch.empty((U, d), dtype=torch.float32, device=src.device)
     sums = torch.empty((U,), dtype=torch.float32, device=src.device)
     if U > 0:
-        _segment_rows_kernel[(U, triton.cdiv(d, _SEGMENT_BLOCK_D))](
+        _segment_rows_kernel.launch(
+            (U, triton.cdiv(d, _SEGMENT_BLOCK_D)), src.device,
             coeff.contiguous(), order, starts, ends, rows, src.contiguous(), grads, sums, k, d,
             SCATTER=scatter, BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D,
             num_warps=_SEGMENT_WARPS,
@@ -522,7 +596,7 @@ class KernelSpec:
     """
 
     label: str
-    kernel: Any
+    kernel: Kernel
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int
@@ -600,14 +674,10 @@ AOT_SPECS: list[tuple[str, KernelSpec]] = [
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> Any:
-    """Compile ``spec`` for ``sm_<arch>`` (90 builds sm_90a) without a GPU.
-
-    Needs ``TRITON_INTERPRET`` unset when ``triton`` was imported, so that the
-    kernels are real ``JITFunction`` objects.
-    """
+    """Compile ``spec`` for ``sm_<arch>`` (90 builds sm_90a) without a GPU."""
     from triton.backends.compiler import GPUTarget
 
-    kernel = spec.kernel
+    kernel = spec.kernel.compiled
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
     src = triton.compiler.ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -667,7 +737,5 @@ def format_resource_table(table: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("unset TRITON_INTERPRET to compile kernels ahead of time")
     rows = resource_table()
     print(json.dumps(rows) if "--json" in sys.argv[1:] else format_resource_table(rows))

@@ -292,10 +292,17 @@ def test_chunked_ties_keep_exact_values_and_distinct_latents():
 
 def test_inference_calls_skip_the_dispatcher_and_its_dynamo_import():
     script = (
-        "import sys, torch, sae_kernels\n"
+        "import os, sys, torch\n"
+        "before = dict(os.environ)\n"
+        "import sae_kernels, sae_kernels.triton_kernels as tk\n"
+        "assert dict(os.environ) == before, 'importing sae_kernels changed the environment'\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "assert isinstance(tk._encode_topk_kernel.compiled, JITFunction)\n"
         "x, W = torch.randn(4, 8), torch.randn(64, 8)\n"
         "values, indices = sae_kernels.topk_encode(x, W, torch.zeros(64), 3)\n"
         "sae_kernels.sparse_decode(values, indices, W)\n"
+        "t_values, t_indices = sae_kernels.topk_encode(x, W, torch.zeros(64), 3, impl='triton')\n"
+        "assert torch.equal(t_indices, indices), 'interpreted Triton kernel disagrees'\n"
         "assert 'torch._dynamo' not in sys.modules, 'dynamo imported'\n"
         "W.requires_grad_(True)\n"
         "sae_kernels.topk_encode(x, W, torch.zeros(64), 3)[0].sum().backward()\n"

@@ -1,7 +1,7 @@
 """Correctness of the Triton launchers against plain torch computed here.
 
-Without CUDA the kernels run in the Triton interpreter on CPU tensors
-(tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay tiny and odd: B, d
+Without CUDA the kernels run in the Triton interpreter on CPU tensors (chosen
+per call from the tensors' device), so shapes stay tiny and odd: B, d
 and n are not multiples of the block sizes. The `gpu` class runs the compiled
 kernels at benchmark-like shapes.
 
@@ -299,3 +299,22 @@ class TestCompiledLargeShapes:
             0, flat[keep], values.reshape(-1, 1)[keep] * x.float().repeat_interleave(self.k, 0)[keep])
         torch.testing.assert_close(dense, want, rtol=1e-4, atol=1e-3)
         assert torch.equal(segment_rows_dense(values, idx, x, self.n), dense)
+
+
+def test_interpreted_launch_leaves_triton_language_as_it_was() -> None:
+    # Interpreted and compiled launches share one process: the interpreter's patches of
+    # triton.language must not outlive a launch, or kernels compiled later would be built with
+    # the interpreter's semantics.
+    import triton.language as tl
+
+    def snapshot() -> dict:
+        objects = [tl, tl.core, tl.standard, tl.math, tl.tensor, tl.dtype]
+        return {(id(obj), key): value for obj in objects for key, value in vars(obj).items()}
+
+    before = snapshot()
+    x, W, bias = _int_inputs(3, 8, 40, torch.float32, seed=0)
+    encode_topk(x, W, bias, 4)
+    after = snapshot()
+    assert all(after.get(key) is value for key, value in before.items())
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        tl.standard.max(x)  # a compiled @triton.jit function refuses direct calls again
