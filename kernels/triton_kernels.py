@@ -36,10 +36,10 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-# Largest padded k (next power of two of k) the fused encoder keeps in registers;
-# larger k must use a chunked path. Every k <= MAX_FUSED_K is accepted.
-MAX_K_PAD = 256
-MAX_FUSED_K = MAX_K_PAD
+from .validate import MAX_TRITON_K
+
+# Largest padded k (next power of two of k) the fused encoder keeps in registers.
+MAX_K_PAD = MAX_TRITON_K
 
 # Packed key of (-inf, latent 2**32-1), the smallest key a real candidate can have.
 # -inf is 0xFF800000, whose order-preserving int32 key is -(2**31) + 0x7FFFFF.
@@ -252,7 +252,7 @@ class EncodePlan:
 
 def encode_plan(
     B: int, n: int, k: int, dtype: torch.dtype, num_sms: int | None,
-    *, has_bias: bool = True, allow_tf32: bool = False, interpreted: bool = False,
+    *, has_bias: bool = True, interpreted: bool = False,
 ) -> EncodePlan:
     """Tile sizes, grid and latent splits of the fused encoder.
 
@@ -281,7 +281,8 @@ def encode_plan(
         constexprs={
             "HAS_BIAS": has_bias, "K_PAD": k_pad,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-            "INPUT_PRECISION": "tf32" if (dtype != torch.float32 or allow_tf32) else "tf32x3",
+            # fp32: the 3xTF32 split, as accurate as fp32 (about 1e-6 relative).
+            "INPUT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
             "DOT_FP32": interpreted and dtype == torch.bfloat16,
         },
         num_warps=cfg.num_warps,
@@ -307,8 +308,6 @@ def encode_topk(
     W: torch.Tensor,
     bias: torch.Tensor | None,
     k: int,
-    *,
-    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k of ``x @ W.T + bias`` without forming the ``[B, n]`` matrix.
 
@@ -317,9 +316,7 @@ def encode_topk(
         W: ``[n, d]`` encoder weights, same dtype as ``x``.
         bias: ``[n]`` fp32 (may hold -inf to mask latents out), or None.
         k: number of latents per row, ``1 <= k``, ``next_pow2(k) <= MAX_K_PAD``.
-        allow_tf32: for fp32 inputs, one TF32 product per tile (about 1e-3
-            relative error) instead of the default 3xTF32 split, which is as
-            accurate as fp32 (about 1e-6) at a third of the tensor-core rate.
+            fp32 inputs multiply with the 3xTF32 split (as accurate as fp32).
 
     Returns:
         ``pre[B, k]`` fp32 pre-activations sorted descending, ties broken by the
@@ -337,7 +334,7 @@ def encode_topk(
     interpreted = x.device.type == "cpu"
     num_sms = None if interpreted else _sm_count(
         torch.cuda.current_device() if x.device.index is None else x.device.index)
-    plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None, allow_tf32=allow_tf32,
+    plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None,
                        interpreted=interpreted)
     x = x.contiguous()
     W = W.contiguous()
@@ -473,16 +470,15 @@ def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Ten
 
 @Kernel
 def _segment_rows_kernel(
-    Coeff, Order, Starts, Ends, Rows, Src, Out, Sums, k, d,
-    SCATTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    Coeff, Order, Starts, Ends, Src, Out, Sums, k, d,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segmented reduction ``Out[u] = sum_{p in segment u} Coeff[p] * Src[p // k]``.
 
     Grid ``(U, cdiv(d, BLOCK_D))``. ``Order`` holds flat code positions
     ``b*k + j`` sorted by latent; segment ``u`` is ``Order[Starts[u]:Ends[u]]``.
     Sums in a fixed order with no atomics, so results are bitwise reproducible.
-    With ``SCATTER`` the row is written to ``Out[Rows[u]]`` (dense ``[n, d]``
-    output), otherwise to ``Out[u]``. ``Sums[u]`` gets the sum of the coefficients.
+    ``Sums[u]`` gets the sum of the coefficients.
     """
     seg = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -501,11 +497,7 @@ def _segment_rows_kernel(
         s = tl.load(Src + src_row[:, None] * d + offs_d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(s.to(tl.float32) * c[:, None], axis=0)
         csum += c
-    if SCATTER:
-        dst = tl.load(Rows + seg)
-    else:
-        dst = seg.to(tl.int64)
-    tl.store(Out + dst * d + offs_d, acc, mask=d_ok)
+    tl.store(Out + seg.to(tl.int64) * d + offs_d, acc, mask=d_ok)
     if pid_d == 0:
         tl.store(Sums + seg, tl.sum(csum, axis=0))
 
@@ -529,27 +521,6 @@ def _segments(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return rows, pos[perm], ends - counts, ends
 
 
-def _launch_segment_rows(
-    coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the segmented reduction; writes into ``out`` (``[n, d]``) when given."""
-    k = idx.shape[1]
-    d = src.shape[1]
-    rows, order, starts, ends = _segments(idx)
-    U = rows.numel()
-    scatter = out is not None
-    grads = out if scatter else torch.empty((U, d), dtype=torch.float32, device=src.device)
-    sums = torch.empty((U,), dtype=torch.float32, device=src.device)
-    if U > 0:
-        _segment_rows_kernel.launch(
-            (U, triton.cdiv(d, _SEGMENT_BLOCK_D)), src.device,
-            coeff.contiguous(), order, starts, ends, rows, src.contiguous(), grads, sums, k, d,
-            SCATTER=scatter, BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D,
-            num_warps=_SEGMENT_WARPS,
-        )
-    return rows, grads, sums
-
-
 def segment_rows(
     coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -570,14 +541,19 @@ def segment_rows(
         ``rows[U]`` int64 ascending unique latent ids, ``grads[U, d]`` float32,
         ``coeff_sums[U]`` float32.
     """
-    return _launch_segment_rows(coeff, idx, src, None)
-
-
-def segment_rows_dense(coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`segment_rows` written straight into a zero ``[n, d]`` float32 matrix."""
-    out = torch.zeros((n, src.shape[1]), dtype=torch.float32, device=src.device)
-    _launch_segment_rows(coeff, idx, src, out)
-    return out
+    k = idx.shape[1]
+    d = src.shape[1]
+    rows, order, starts, ends = _segments(idx)
+    U = rows.numel()
+    grads = torch.empty((U, d), dtype=torch.float32, device=src.device)
+    sums = torch.empty((U,), dtype=torch.float32, device=src.device)
+    if U > 0:
+        _segment_rows_kernel.launch(
+            (U, triton.cdiv(d, _SEGMENT_BLOCK_D)), src.device,
+            coeff.contiguous(), order, starts, ends, src.contiguous(), grads, sums, k, d,
+            BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D, num_warps=_SEGMENT_WARPS,
+        )
+    return rows, grads, sums
 
 
 # --------------------------------------------------------------------------- ahead-of-time specs
@@ -643,17 +619,17 @@ def _gather_spec(dtype: torch.dtype) -> KernelSpec:
     )
 
 
-def _segment_spec(dtype: torch.dtype, scatter: bool) -> KernelSpec:
+def _segment_spec(dtype: torch.dtype) -> KernelSpec:
     t = _TORCH_TO_TRITON[dtype]
     return KernelSpec(
-        label="segment_rows_dense" if scatter else "segment_rows",
+        label="segment_rows",
         kernel=_segment_rows_kernel,
-        signature={"Coeff": "*fp32", "Order": "*i64", "Starts": "*i64", "Ends": "*i64", "Rows": "*i64",
+        signature={"Coeff": "*fp32", "Order": "*i64", "Starts": "*i64", "Ends": "*i64",
                    "Src": f"*{t}", "Out": "*fp32", "Sums": "*fp32", "k": "i32", "d": "i32",
-                   "SCATTER": "constexpr", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
-        constexprs={"SCATTER": scatter, "BLOCK_P": _SEGMENT_BLOCK_P, "BLOCK_D": _SEGMENT_BLOCK_D},
+                   "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_P": _SEGMENT_BLOCK_P, "BLOCK_D": _SEGMENT_BLOCK_D},
         num_warps=_SEGMENT_WARPS,
-        divisible=("Coeff", "Order", "Starts", "Ends", "Rows", "Src", "Out", "Sums", "k", "d"),
+        divisible=("Coeff", "Order", "Starts", "Ends", "Src", "Out", "Sums", "k", "d"),
     )
 
 
@@ -666,8 +642,7 @@ AOT_SPECS: list[tuple[str, KernelSpec]] = [
         _encode_spec(dtype, 32),
         _decode_spec(dtype),
         _gather_spec(dtype),
-        _segment_spec(dtype, scatter=False),
-        _segment_spec(dtype, scatter=True),
+        _segment_spec(dtype),
     )
 ] + [(name, _encode_spec(dtype, k)) for k in (128, 256)
      for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))]
