@@ -63,8 +63,8 @@ def run_demo(out_dir: Path, proteins: int = 400, n_latents: int = 4096, data: Pa
     store = out_dir / "store"
     config = load_config(None, [
         f"model.n_latents={n_latents}", "model.k=32", "model.dead_tokens=200000",
-        "data.source='esm'", f"data.fasta='{root / 'human.fasta'}'", f"data.max_proteins={proteins}",
-        f"data.store='{store}'", f"data.layer={LAYER}", "data.buffer_size=65536", "data.eval_tokens=8192",
+        "data.source='esm'", f"data.esm.fasta='{root / 'human.fasta'}'", f"data.esm.max_proteins={proteins}",
+        f"data.esm.store='{store}'", f"data.esm.layer={LAYER}", "data.buffer_size=65536", "data.eval_tokens=8192",
         "train.batch_size=1024", "train.lr=5e-4", "train.warmup_steps=20", "train.decay='cosine'",
         "train.eval_every=50", "train.checkpoint_every=50", f"train.out_dir='{out_dir / 'sae'}'",
     ])

@@ -106,19 +106,9 @@ def protein_activations(
 
 def load_sae_backend(run_dir: str | Path):
     """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import RunConfig
-    from .torch_backend import TorchSAE
+    from .checkpoint import load_trained_sae
 
-    path = latest_checkpoint(Path(run_dir))
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-    tensors, meta = load_checkpoint(path)
-    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
-    config.train.precision = "fp32"
-    sae = TorchSAE(config, torch.device("cpu"))
-    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-    return sae
+    return load_trained_sae(run_dir)
 
 
 def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:

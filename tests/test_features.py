@@ -23,8 +23,8 @@ def trained(tmp_path_factory):
     fasta = tmp / "proteins.fasta"
     fasta.write_text("".join(f">Q{i:03d}\n{''.join(g.choice(letters, n))}\n" for i, n in enumerate(lengths)))
     config = load_config(None, [
-        "model.d_in=32", "model.n_latents=64", "model.k=4", "data.source='esm'", f"data.store='{tmp / 'store'}'",
-        "data.layer=1", f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=64",
+        "model.d_in=32", "model.n_latents=64", "model.k=4", "data.source='esm'", f"data.esm.store='{tmp / 'store'}'",
+        "data.esm.layer=1", f"data.esm.fasta='{fasta}'", f"data.esm.model='{model_dir}'", "data.eval_tokens=64",
         "data.buffer_size=512", "train.batch_size=64", "train.progress=false", "train.precision='fp32'",
         f"train.out_dir='{tmp / 'run'}'",
     ])

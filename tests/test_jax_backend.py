@@ -63,7 +63,7 @@ def test_fifty_steps_agree_with_the_torch_backend(extra):
 
 
 def test_a_run_started_in_torch_resumes_in_jax(tmp_path):
-    common = BASE + ["data.synthetic_tokens=3200", "data.buffer_size=512", "data.eval_tokens=128",
+    common = BASE + ["data.synthetic.tokens=3200", "data.buffer_size=512", "data.eval_tokens=128",
                      "train.batch_size=64", "train.checkpoint_every=10", "train.progress=false",
                      f"train.out_dir='{tmp_path / 'run'}'"]
     first = train(load_config(None, common + ["train.max_tokens=1280"]))  # 20 steps in torch
