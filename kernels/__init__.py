@@ -8,9 +8,9 @@ Shapes: ``x[B, d]``, ``W_enc[n, d]``, ``b_enc[n]``, ``W_dec[n, d]``; a sparse co
     >>> values, indices = sae_kernels.topk_encode(x, W, torch.zeros(100), k=4)
     >>> recon = sae_kernels.sparse_decode(values, indices, W)
 
-Both functions are differentiable (torch autograd), registered as ``torch.library`` custom ops
+Both functions are differentiable (torch autograd), run through ``torch.library`` custom ops
 (``torch.compile`` traces through them), and never build a ``[B, n]`` tensor outside the
-``impl="torch"`` reference. ``sae_kernels.jax`` offers the same two functions for JAX.
+``impl="reference"`` oracle. ``sae_kernels.jax`` offers the same two functions for JAX.
 
 ``impl="triton"`` runs the Triton kernels compiled on CUDA tensors and under Triton's
 interpreter on CPU tensors, chosen per call; importing this package changes nothing in the

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -64,8 +65,8 @@ def _interpreting() -> Iterator[None]:
     a ``JITFunction`` refuses a direct call. Inside this scope such a call runs the function as
     the interpreter runs its own device functions. The interpreter patches ``triton.language``
     while it runs and does not undo every patch of a nested call, so every replaced attribute
-    is put back afterwards: kernels compiled later see the language as it was. One interpreted
-    launch at a time per process (the interpreter's own patching is process-wide too).
+    is put back afterwards: kernels compiled later see the language as it was. The patching is
+    process-wide, so callers hold ``_INTERPRETER_LOCK``.
     """
     saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
     call = JITFunction.__call__
@@ -89,6 +90,7 @@ def _interpreting() -> Iterator[None]:
                     setattr(obj, key, value)
 
 
+_INTERPRETER_LOCK = threading.Lock()
 _DEVICE_FUNCTIONS: dict[Any, InterpretedFunction] = {}
 _MISSING = object()
 
@@ -98,8 +100,8 @@ class Kernel:
     tensors and ``interpreted`` (Triton's interpreter, NumPy on the host) for CPU tensors.
 
     ``triton.jit`` builds one or the other depending on ``TRITON_INTERPRET`` at decoration
-    time; holding both lets one process run either, chosen per call by :meth:`launch`. Kernels
-    call no other ``@triton.jit`` function: the interpreter would find the compiled handle.
+    time; holding both lets one process run either, chosen per call by :meth:`launch`.
+    Interpreted launches run one at a time (see :func:`_interpreting`).
     """
 
     def __init__(self, fn: Any) -> None:
@@ -116,7 +118,7 @@ class Kernel:
         if device.type != "cpu":
             self.compiled[grid](*args, **kwargs)
             return
-        with _interpreting():
+        with _INTERPRETER_LOCK, _interpreting():
             self.interpreted[grid](*args, **kwargs)
 
 
