@@ -76,9 +76,16 @@ def load_trained_sae(run_dir: str | Path):
     path = latest_checkpoint(Path(run_dir))
     if path is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-    tensors, meta = load_checkpoint(path)
+    if (path / "dcp").is_dir():  # a sharded run: its rows gathered from every rank's files
+        from .parallel.checkpoint import load_rows, read_meta
+
+        meta = read_meta(path)
+    else:
+        tensors, meta = load_checkpoint(path)
     config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
     config.train.precision = "fp32"
     sae = TorchSAE(config, torch.device("cpu"))
+    if (path / "dcp").is_dir():
+        tensors = load_rows(path, sae.state_tensors(), config.model.n_latents, None)
     sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
     return sae

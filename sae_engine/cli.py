@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("sae_engine.features", "per-protein feature activations (SAE or ESM2 neurons)"),
     "enrich": ("sae_engine.go.enrich", "GO over-representation of many study sets (features) at once"),
     "demo": ("sae_engine.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
+    "evaluate": ("sae_engine.evaluation", "held-out, length- and composition-controlled GO evaluation of unit families"),
     "describe": ("sae_engine.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
+    "export": ("sae_engine.interop.commands", "a run's weights as one file, or for SAELens / sparsify / dictionary_learning"),
+    "import": ("sae_engine.interop.commands", "a SAELens / sparsify / dictionary_learning SAE as a run folder"),
     "bench": ("sae_engine.cli", "throughput and memory benchmarks against baselines"),
 }
 

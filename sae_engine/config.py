@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .parallel.dims import ParallelConfig
 from .registry import UnknownSourceError, get_source, source_names, table_spec
 
 
@@ -129,16 +130,18 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dataclasses.asdict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train)}
+        return {"model": dataclasses.asdict(self.model), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train),
+                "parallel": dataclasses.asdict(self.parallel)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], origin: str = "config") -> RunConfig:
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
         unknown = set(raw) - set(sections)
         if unknown:
             raise ConfigError(f"{origin}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
@@ -161,6 +164,10 @@ class RunConfig:
                            ("train.batch_size", t.batch_size), ("data.buffer_size", d.buffer_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(key, value, "must be a positive integer")
+        for key, value, why in self.parallel.problems():
+            fail(key, value, why)
+        if self.parallel.latent >= 1 and (why := self.parallel.check_latents(m.n_latents)):
+            fail("parallel.latent", self.parallel.latent, f"{why} (model.n_latents = {m.n_latents})")
         if m.k > m.n_latents:
             fail("model.k", m.k, f"must not exceed model.n_latents = {m.n_latents}")
         if m.d_out is not None and m.d_out < 1:

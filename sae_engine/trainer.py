@@ -27,6 +27,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
+from .parallel import apply as parallel
+from .parallel.checkpoint import read_meta
 from .registry import build_source
 from .sources import ActivationSource, OffsetSource
 
@@ -130,6 +132,9 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.train.out_dir)
         self.device = resolve_device(config.train.device)
+        self.mesh = parallel.setup(config, self.device)  # None: one plain process
+        self.device = self.device if self.mesh is None else self.mesh.device
+        self.is_main = self.mesh is None or self.mesh.is_main
         width = config.model.d_in + (config.model.d_out or 0)
         if source.d != width:
             raise ConfigError(f"the data source gives vectors of d={source.d}, but the model needs d={width}"
@@ -146,7 +151,7 @@ class Trainer:
         self.total_steps = budget // config.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"{budget} training vectors make no full batch of train.batch_size = {config.train.batch_size}")
-        self.backend = make_backend(config, self.device)
+        self.backend = make_backend(config, self.device) if self.mesh is None else parallel.parallelize(config, self.mesh)
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.resumed_from: Path | None = None
@@ -169,19 +174,32 @@ class Trainer:
         tensors = dict(self.backend.state_tensors())
         tensors["buffer.unserved"] = buffer_state["unserved"].float()
         tensors["buffer.rng"] = buffer_state["rng"]
+        if self.mesh is not None:
+            return parallel.save(self.run_dir, self.step, tensors, meta, self.mesh, self.config)
         return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
-        tensors, meta = load_checkpoint(path)
+        meta = read_meta(path)
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
+        if parallel.needs_parallel_load(path, self.mesh):
+            tensors = parallel.load(path, self.backend, self.mesh, self.config)
+        else:
+            tensors, meta = load_checkpoint(path)
+        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
+            self.backend.load_state_tensors(tensors, 0, False)
+            log.warning(
+                "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
+                meta["imported_from"]["path"], meta["imported_from"]["format"])
+            return
         self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
         self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
         self.step = meta["step"]
-        self.log.truncate_after(self.step)
+        if self.is_main:
+            self.log.truncate_after(self.step)
+            log.info("resuming from step %d, checkpoint %s", self.step, path)
         self.resumed_from = path
-        log.info("resuming from step %d, checkpoint %s", self.step, path)
 
     def _initialize(self) -> None:
         sample = self.eval_batch if self.eval_batch is not None else next(self.train_source.iter_from(0))
@@ -192,15 +210,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.config.to_json())
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
             self._initialize()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.config.to_json())
         lr_peak = self.config.learning_rate
-        progress = _progress(self.total_steps, self.step, t.progress)
+        progress = _progress(self.total_steps, self.step, t.progress and self.is_main)
         window_start, window_steps = time.perf_counter(), 0
         last: dict[str, float] = {}
         interrupted = False
@@ -209,7 +228,7 @@ class Trainer:
                 batch = self.buffer.next_batch(t.batch_size, drop_last=True)
                 if batch is None:
                     break
-                x, y = _split(batch, self.config.model.d_in)
+                x, y = _split(parallel.local_rows(batch, self.mesh), self.config.model.d_in)
                 lr = learning_rate(self.step, self.total_steps, lr_peak, t.warmup_steps, t.decay, t.decay_start)
                 metrics = self.backend.train_step(x, y, lr)
                 _check_finite(self.step, batch, metrics)
@@ -225,12 +244,13 @@ class Trainer:
                     last.update(self._evaluate())
                 if self.step % t.checkpoint_every == 0:
                     self.save()
-                if stop.signal is not None:
+                if parallel.any_rank(stop.signal is not None, self.mesh):
                     interrupted = True
                     break
         progress.close()
         self.save()
-        plot_curves(self.log.read(), self.run_dir / "curves.png")
+        if self.is_main:
+            plot_curves(self.log.read(), self.run_dir / "curves.png")
         return TrainResult(self.run_dir, self.step, self.step * t.batch_size, last, interrupted, self.resumed_from)
 
     def _log(self, metrics: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float) -> dict[str, float]:
@@ -239,7 +259,8 @@ class Trainer:
         record.update({name: float(value) for name, value in metrics.items()})
         record.update(self.backend.latent_stats(steps * t.batch_size))
         record["tokens_per_s"] = steps * t.batch_size / max(elapsed, 1e-9)
-        self.log.write(record)
+        if self.is_main:
+            self.log.write(record)
         return record
 
     def _evaluate(self) -> dict[str, float]:
@@ -250,7 +271,8 @@ class Trainer:
             for key, value in self.backend.evaluate(x[lo:hi], y[lo:hi]).items():
                 results.setdefault(key, []).append(value)
         record = {key: float(sum(v) / len(v)) for key, v in results.items()}
-        self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
+        if self.is_main:
+            self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
         return record
 
 

@@ -19,7 +19,7 @@ import torch
 from .batching import Tokenizer, plan_batches
 from .fasta import ESM2_MAX_RESIDUES, Record, crop, read_fasta
 from .forward import FastESM2, vectors
-from .store import STORE_FORMAT, ActivationStore, StoreError, _StoreWriter
+from .store import STORE_FORMAT, ActivationStore, StoreError, StoreWriter
 
 if TYPE_CHECKING:  # fair-esm is an optional extra: imported only when a model is loaded
     from .models import LoadedModel
@@ -29,7 +29,7 @@ POOLS = ("none", "mean", "max")
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What to extract and how. ``layers`` in 0..num_layers (see the module docstring)."""
+    """What to extract and how. ``layers`` in 0..num_layers (layer numbering: see :mod:`.forward`)."""
 
     layers: tuple[int, ...]
     pool: str = "none"  # "none" (one vector per residue), "mean" or "max" (one per window)
@@ -132,7 +132,7 @@ def extract_to_store(
         "model": loaded.info.to_dict(),
         "input": {"fasta": fasta, "sha256": digest.hexdigest(), "proteins": len(records), "windows": len(windows)},
     }
-    writer = _StoreWriter(Path(out), header)
+    writer = StoreWriter(Path(out), header)
     todo = [w for w in windows if w.key not in writer.done]
     runner, tokenizer = FastESM2(loaded.model, bf16=config.bf16), Tokenizer(loaded.alphabet)
     residues = sum(len(w.sequence) for w in todo)

@@ -88,7 +88,7 @@ def _fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _StoreWriter:
+class StoreWriter:
     """Accumulates rows and commits them shard by shard (npy files, index, then manifest)."""
 
     def __init__(self, root: Path, header: dict[str, Any]) -> None:
