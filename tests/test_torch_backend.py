@@ -111,7 +111,7 @@ def test_row_sparse_adam_moves_touched_rows_like_dense_adam_and_freezes_the_rest
         grad = torch.randn(2, 4, generator=g)
         dense.begin_step()
         sparse.begin_step()
-        dense.step("w", torch.zeros(6, 4).index_copy_(0, rows, grad), lr=0.1)
+        dense.step({"w": torch.zeros(6, 4).index_copy_(0, rows, grad)}, lr=0.1)
         sparse.step_rows("w", rows, grad, lr=0.1)
     assert torch.allclose(sparse.params["w"][rows], dense.params["w"][rows])
     untouched = torch.tensor([0, 2, 3, 5])
@@ -132,7 +132,7 @@ def test_adam_matches_optax():
     for _ in range(5):
         grad = torch.randn(5, 3, generator=g)
         ours.begin_step()
-        ours.step("w", grad, 1e-2)
+        ours.step({"w": grad}, 1e-2)
         updates, state = opt.update(jnp.asarray(grad.numpy()), state, params)
         params = params + updates
     assert np.allclose(ours.params["w"].numpy(), np.asarray(params), rtol=1e-5, atol=1e-7)
