@@ -136,7 +136,8 @@ class SAEBackend(Protocol):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor a checkpoint needs, named and typed as ``state_shapes(config.model)``;
-        the same names, shapes and dtypes in every backend."""
+        the same names, shapes and dtypes in every backend. They may be views of the live state
+        (no copy at large n): read or copy them before the next call that changes it."""
         ...
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:

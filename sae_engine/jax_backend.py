@@ -27,6 +27,7 @@ parameters stay replicated and XLA inserts the reductions, so results equal one 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -256,6 +257,52 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformationExtraArgs:
     return optax.chain(*clip, adam)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _train_step(
+    graphdef: nnx.GraphDef, train: TrainConfig, state: nnx.State, opt_state: optax.OptState, x: jax.Array,
+    y: jax.Array, lr: jax.Array, aux_active: bool,
+) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
+    """The compiled training step of a model (``graphdef`` and its ``state``) and optimizer
+    (``make_optimizer(train)`` and its state) on a batch x [B, d_in], y [B, d_out]. ->
+    (the new state, the new optimizer state, metrics). The static arguments hash by value, so
+    backends with equal configs share one compilation."""
+    tx = make_optimizer(train)
+    model = nnx.merge(graphdef, state)
+    xn, yn = model.normalize(x, model.in_scale), model.normalize(y, model.out_scale)
+    # Gradients w.r.t. the Params; the BatchTopK threshold the forward moves is kept too.
+    grad_fn = nnx.value_and_grad(lambda mod: mod.loss(xn, yn, aux_active), argnums=nnx.DiffState(0, nnx.Param),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(model)
+    grads = nnx.to_pure_dict(grads)
+    # Projection before clipping, so the clipped norm is that of the gradient Adam sees.
+    grads["W_dec"] = model.project_decoder_grad(grads["W_dec"])
+    params = model.params()
+    touched = None
+    if train.optimizer == "row_sparse_adam":
+        # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
+        n, code = model.config.n_latents, aux["code_indices"]
+        touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
+        updates, opt_state = tx.update(grads, opt_state, params, touched=touched)
+    else:
+        updates, opt_state = tx.update(grads, opt_state, params)
+    model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
+    model.renormalize_decoder(touched)
+    model.track_firing(aux["values"], aux["indices"], x.shape[0])
+    l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
+    metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
+    return nnx.state(model), opt_state, metrics
+
+
+@functools.cache
+def _hashable(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"__hash__": lambda self: hash(dataclasses.astuple(self))})
+
+
+def _static(config: Any) -> Any:
+    """A copy of a config dataclass that hashes by value (static data of compiled functions)."""
+    return _hashable(type(config))(**dataclasses.asdict(config))
+
+
 def _device_precision(requested: str) -> str:
     """``resolve_precision`` for JAX's default device (a GPU's capability as JAX reports it)."""
     device = jax.devices()[0]
@@ -275,12 +322,13 @@ class JaxSAE:
         self.config = config
         self.precision = precision or _device_precision(config.train.precision)
         compute_dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
-        model = SparseAutoencoder(config.model, config.train.seed, compute_dtype)
+        model = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype)
         # Held split, so a step passes the state to the compiled function without walking the module.
         self.graphdef, self.state = nnx.split(model)
-        self.tx = make_optimizer(config.train)
-        self.opt_state = self.tx.init(model.params())
+        self._train = _static(config.train)
+        self.opt_state = make_optimizer(self._train).init(model.params())
         self.aux_active = False  # see TorchSAE.aux_active
+        self._placement: jax.sharding.Sharding | None = None  # where the state was last placed
 
     @property
     def model(self) -> SparseAutoencoder:
@@ -290,6 +338,7 @@ class JaxSAE:
     def _store(self, model: SparseAutoencoder) -> None:
         # Whether merge shares Variables with the state it came from is Flax's detail: re-split.
         self.state = nnx.state(model)
+        self._placement = None
 
     @property
     def params(self) -> Params:
@@ -325,36 +374,6 @@ class JaxSAE:
 
     # -- the training step ---------------------------------------------------------------------
 
-    @functools.partial(jax.jit, static_argnums=(0, 6))
-    def _step(
-        self, state: nnx.State, opt_state: optax.OptState, x: jax.Array, y: jax.Array, lr: jax.Array, aux_active: bool
-    ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
-        t = self.config.train
-        model = nnx.merge(self.graphdef, state)
-        xn, yn = model.normalize(x, model.in_scale), model.normalize(y, model.out_scale)
-        # Gradients w.r.t. the Params; the BatchTopK threshold the forward moves is kept too.
-        grad_fn = nnx.value_and_grad(lambda mod: mod.loss(xn, yn, aux_active), argnums=nnx.DiffState(0, nnx.Param),
-                                     has_aux=True)
-        (loss, aux), grads = grad_fn(model)
-        grads = nnx.to_pure_dict(grads)
-        # Projection before clipping, so the clipped norm is that of the gradient Adam sees.
-        grads["W_dec"] = model.project_decoder_grad(grads["W_dec"])
-        params = model.params()
-        touched = None
-        if t.optimizer == "row_sparse_adam":
-            # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
-            n, code = self.config.model.n_latents, aux["code_indices"]
-            touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
-            updates, opt_state = self.tx.update(grads, opt_state, params, touched=touched)
-        else:
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-        model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
-        model.renormalize_decoder(touched)
-        model.track_firing(aux["values"], aux["indices"], x.shape[0])
-        l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
-        metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
-        return nnx.state(model), opt_state, metrics
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, jax.Array]:
         """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out] torch tensors."""
         xj = to_jax(x)
@@ -362,8 +381,14 @@ class JaxSAE:
 
     def train_step_arrays(self, xj: jax.Array, yj: jax.Array, lr: float) -> dict[str, jax.Array]:
         """``train_step`` on JAX arrays, which may be sharded over a mesh (see ``shard_batch``)."""
-        self.state, self.opt_state, metrics = self._step(
-            self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
+        # Place the state as the step returns it (replicated over the batch's devices): arrays
+        # made fresh (initialisation, loading, reset counters) would compile the step once more.
+        placement = _replicated(xj.sharding)
+        if placement != self._placement:
+            self.state, self.opt_state = jax.device_put((self.state, self.opt_state), placement)
+            self._placement = placement
+        self.state, self.opt_state, metrics = _train_step(
+            self.graphdef, self._train, self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
         )
         return metrics
 
@@ -449,7 +474,15 @@ class JaxSAE:
             mu={name: j(f"adam.m.{name}") for name in names},
             nu={name: j(f"adam.v.{name}") for name in names},
         )
+        self._placement = None
         self.aux_active = aux_active
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A sharding that replicates over the devices of ``sharding`` (a batch's)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
 
 
 def shard_batch(batch: jax.Array, mesh: jax.sharding.Mesh, axis: str = "data") -> jax.Array:
