@@ -1,1 +1,1 @@
-"""Throughput and memory benchmarks (``python -m bench.table SUITE``, ``pytest bench/ --benchmark-only``)."""
+"""pytest-benchmark entries over the installed suites (``sae_engine.benchmarks``): ``python -m pytest bench/ --benchmark-only``."""

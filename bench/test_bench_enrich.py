@@ -1,7 +1,7 @@
 """pytest-benchmark entry for all-features GO enrichment: ``python -m pytest bench/test_bench_enrich.py``.
 
 A small size (1,500 proteins x 500 features over a synthetic GO) so it runs in seconds; the
-full-size table comes from ``python -m bench.enrich_bench``. The timed result is checked
+full-size table comes from ``sae-engine bench enrich``. The timed result is checked
 against scipy's hypergeometric survival function on a sample of pairs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from scipy.stats import hypergeom
 from sae_engine.go.annotations import annotation_matrix
 from sae_engine.go.enrich import enrich_features, study_sets
 
-from . import enrich_bench as eb
+from sae_engine.benchmarks import enrichment as eb
 
 
 @pytest.fixture(scope="module")

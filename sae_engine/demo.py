@@ -1,96 +1,171 @@
-"""``sae-engine demo``: from real human proteins to GO-enriched SAE features, against ESM2 neurons.
+"""``sae-engine demo``: do SAE features of ESM2 capture biology better than neurons and nulls?
 
-Steps: prepare the data (idempotent), train a residue-level TopK SAE on ESM2 activations of the
-first ``proteins`` human Swiss-Prot proteins (extracting the store on the way), pool the SAE's
-code and the ReLU'd ESM2 neurons per protein, and test every feature of both against GO. The
-headline is the share of features with at least one term at q <= 0.05, per namespace, for SAE
-features and for neurons, each feature judged on its strongest 5% of proteins (at least 10);
-tables, a JSON summary and the HTML report (``report/index.html``) land in the output folder.
+Steps: prepare the data (idempotent); draw a seeded random sample of human Swiss-Prot proteins of
+50-1000 residues; extract layer 4 of ESM2 for them; train a residue-level TopK SAE on the residue
+vectors and a protein-level TopK SAE on the mean-pooled ones (the setting of Gujral et al.);
+pool every family per protein; evaluate all of them with ``sae_engine.evaluation`` (held-out,
+length- and composition-controlled, with null families); write ``summary.json``, the
+evaluation and the HTML report (``report/index.html``).
+
+Families: residue-level SAE features (max over residues), protein-level SAE features, ESM2
+neurons of both signs, the same neurons sparsified to the SAE's k per residue, random
+directions; the composition and permuted-label nulls come from the evaluation itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .config import load_config
-
-ALPHA = 0.05
 LAYER = 4
+DEFAULT_PROTEINS = 1000
+MIN_LENGTH, MAX_LENGTH = 50, 1000
+K = 32
+PROTEIN_LATENTS, PROTEIN_K, PROTEIN_EPOCHS = 512, 8, 30
+REFERENCE = "neurons"  # the family every other one is compared with at matched counts
 
 
-def _enrich(activations, ontology, annotated, relations, out: Path, prefix: str) -> dict[str, float]:
-    """Enrichment of one feature set; writes the significant rows; returns per-namespace shares."""
-    from .go.enrich import enrich_features, study_sets, write_table
-    from .go.ontology import NAMESPACES
+def sample_proteins(fasta: Path, n: int, seed: int = 0, min_length: int = MIN_LENGTH,
+                    max_length: int = MAX_LENGTH) -> list:
+    """A seeded random sample (without replacement, in file order) of ``n`` records of
+    ``min_length``-``max_length`` residues."""
+    from .esm.fasta import read_fasta
 
-    if annotated.proteins != activations.ids:
-        raise ValueError("the annotation matrix must have the activations' proteins as its rows")
-    # Study sets: each feature's strongest 5% of proteins (at least 10), so dense ESM2 neurons and
-    # sparse SAE features are judged on sets of one size.
-    top_n = max(10, len(activations.ids) // 20)
-    study = study_sets(activations.max, top_n=top_n)  # [F, P]
-    result = enrich_features(study, annotated.matrix, ontology.namespace, ontology.ancestor_matrix(relations))
-    features = [f"{prefix}{i}" for i in range(study.shape[0])]
-    write_table(out, result, features, ontology, max_q=ALPHA)
-    live = int((study.getnnz(axis=1) > 0).sum())
-    significant = result.log_q <= math.log(ALPHA)
-    shares = {}
-    for ns_index, ns in enumerate(NAMESPACES):
-        hit = np.unique(result.feature[significant & (ontology.namespace[result.term] == ns_index)])
-        shares[ns] = len(hit) / max(live, 1)
-    shares["any"] = len(np.unique(result.feature[significant])) / max(live, 1)
-    shares["features_tested"] = live
-    shares["study_set_size"] = top_n
-    return shares
+    records = [r for r in read_fasta(fasta) if min_length <= len(r.sequence) <= max_length]
+    if n > len(records):
+        raise ValueError(f"{fasta}: asked for {n} proteins of {min_length}-{max_length} residues, it holds {len(records)}")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
+    return [records[i] for i in chosen]
 
 
-def run_demo(out_dir: Path, proteins: int = 400, n_latents: int = 4096, data: Path | None = None) -> dict:
-    """Run the whole pipeline into ``out_dir``; returns the summary (also saved as summary.json)."""
-    from .esm.prepare import data_dir, prepare
-    from .features import load_sae_code, neuron_code, protein_activations
-    from .go.annotations import CountedWarnings, annotation_matrix, read_annotations
-    from .go.ontology import load_ontology
+def _train(overrides: list[str], source=None):
+    """Train a run from config overrides (the demo's settings; see examples/ for the layout),
+    on ``source`` when given, else on the source the config names."""
+    from .config import load_config
     from .trainer import train
 
+    config = load_config(None, overrides)
+    return config, train(config, source)
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {key: value for record in records for key, value in record.items()}
+
+
+def _families(out_dir: Path, store: Path, ids: list[str], means: np.ndarray, seed: int) -> dict:
+    """Per-protein activations of every family, saved as ``<name>_activations.npz``; -> name: [P, U]."""
+    import scipy.sparse as sp
+    import torch
+
+    from .evaluation.nulls import random_directions_in_store
+    from .features import (ProteinActivations, load_sae_backend, load_sae_code, pooled_dense, protein_activations,
+                           signed_neurons, topk_code)
+
+    d = means.shape[1]
+    sae_code, n = load_sae_code(out_dir / "sae")
+    protein_sae = load_sae_backend(out_dir / "protein_sae")
+    values, indices = (t.numpy() for t in protein_sae.encode(torch.from_numpy(means)))
+    fired = (values > 0) & (indices >= 0)
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], values.shape)
+    protein_level = sp.csr_matrix((values[fired], (rows[fired], indices[fired])),
+                                  shape=(len(ids), protein_sae.config.model.n_latents), dtype=np.float32)
+    acts = {
+        "sae": protein_activations(store, LAYER, sae_code, n),
+        "protein_sae": ProteinActivations(ids, protein_level, (protein_level > 0).astype(np.float32)),
+        "neurons": pooled_dense(store, LAYER, signed_neurons, 2 * d),
+        "neurons_topk": protein_activations(store, LAYER, topk_code(signed_neurons, K), 2 * d),
+        "random_directions": random_directions_in_store(store, LAYER, seed + 1),
+    }
+    for name, family in acts.items():
+        if family.ids != ids:
+            raise RuntimeError(f"{name}: protein order differs from the store's")
+        family.save(out_dir / f"{name}_activations.npz")
+    return {name: family.max for name, family in acts.items()}
+
+
+def _enrichment_table(acts, labels, top_n: int, out: Path) -> None:
+    """Every SAE feature's GO enrichment over all sampled proteins (q <= 0.05 rows), the input
+    ``sae-engine describe`` picks features from. Not held out, not controlled: the evaluation is
+    what says whether a feature passes."""
+    from .go.enrich import enrich_features, study_sets, write_table
+
+    result = enrich_features(study_sets(acts, top_n=2 * top_n), labels.annotations, labels.ontology.namespace,
+                             labels.ancestors)
+    write_table(out, result, [f"f{i}" for i in range(acts.shape[1])], labels.ontology, max_q=0.05)
+
+
+def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4096, data: Path | None = None,
+             seed: int = 0) -> dict:
+    """Run the whole pipeline into ``out_dir``; returns the summary (also saved as summary.json)."""
+    from .esm.extract import ActivationStore, ExtractConfig, extract_to_store
+    from .esm.fasta import write_fasta
+    from .esm.models import load_model
+    from .esm.prepare import data_dir, prepare
+    from .evaluation import Settings, evaluate, headline, matched_comparison, write_evaluation
+    from .evaluation.inputs import load_labels
+    from .features import mean_vectors
+    from .precision import resolve_precision
+    from .sources import ArraySource
+
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     root = data_dir(data)
     prepare(root, progress=True)
+    precision = resolve_precision("auto", "cpu")
+    sample = sample_proteins(root / "human.fasta", proteins, seed)
+    write_fasta(sample, out_dir / "proteins.fasta")
     store = out_dir / "store"
-    config = load_config(None, [
-        f"model.n_latents={n_latents}", "model.k=32", "model.dead_tokens=200000",
-        "data.source='esm'", f"data.fasta='{root / 'human.fasta'}'", f"data.max_proteins={proteins}",
-        f"data.store='{store}'", f"data.layer={LAYER}", "data.buffer_size=65536", "data.eval_tokens=8192",
-        "train.batch_size=1024", "train.lr=5e-4", "train.warmup_steps=20", "train.decay='cosine'",
-        "train.eval_every=50", "train.checkpoint_every=50", f"train.out_dir='{out_dir / 'sae'}'",
+    if not ((store / "manifest.json").exists() and ActivationStore(store).complete):
+        print(f"[1/5] ESM2 layer {LAYER} of {proteins} sampled human proteins ({precision.dtype}: {precision.reason})",
+              file=sys.stderr)
+        extract_to_store(out_dir / "proteins.fasta", load_model("default", data_dir=root), store,
+                         ExtractConfig(layers=(LAYER,), bf16=precision.dtype == "bf16"))
+    print(f"[2/5] a residue-level SAE ({n_latents} latents, k={K})", file=sys.stderr)
+    _, trained = _train([
+        f"model.n_latents={n_latents}", f"model.k={K}", "model.dead_tokens=200000",
+        "data.source='esm'", f"data.esm.store='{store}'", f"data.esm.layer={LAYER}", "data.buffer_size=65536",
+        "data.eval_tokens=8192", "train.batch_size=1024", "train.lr=5e-4", "train.warmup_steps=20",
+        "train.decay='cosine'", "train.eval_every=50", "train.checkpoint_every=50", f"train.out_dir='{out_dir / 'sae'}'",
     ])
-    print(f"[1/3] training an SAE on layer {LAYER} of ESM2 over {proteins} human proteins", file=sys.stderr)
-    trained = train(config)
-    print("[2/3] per-protein activations of SAE features and ESM2 neurons", file=sys.stderr)
-    sae_code, n = load_sae_code(out_dir / "sae")
-    sae_acts = protein_activations(store, LAYER, sae_code, n)
-    neuron_acts = protein_activations(store, LAYER, neuron_code, config.model.d_in)
-    sae_acts.save(out_dir / "sae_activations.npz")
-    neuron_acts.save(out_dir / "neuron_activations.npz")
-    print("[3/3] GO enrichment of every feature", file=sys.stderr)
-    ontology = load_ontology(root / "go.sqlite")
-    warnings = CountedWarnings()
-    pairs = read_annotations(root / "go_annotations.tsv", ontology, warnings)
-    annotated = annotation_matrix(pairs, ontology, sae_acts.ids, ("is_a",), warnings)
-    # The last logged metrics (a rerun of a finished demo trains no further steps).
-    records = [json.loads(line) for line in (out_dir / "sae" / "metrics.jsonl").read_text().splitlines()]
-    last = {key: value for record in records for key, value in record.items()}
+    print(f"[3/5] a protein-level SAE on mean-pooled vectors ({PROTEIN_LATENTS} latents, k={PROTEIN_K}, "
+          f"{PROTEIN_EPOCHS} epochs)", file=sys.stderr)
+    ids, means = mean_vectors(store, LAYER)
+    order = np.concatenate([np.random.default_rng(seed + e).permutation(len(ids)) for e in range(PROTEIN_EPOCHS)])
+    _, protein_trained = _train([
+        f"model.n_latents={PROTEIN_LATENTS}", f"model.k={PROTEIN_K}", f"model.dead_tokens={20 * len(ids)}",
+        "data.buffer_size=16384", f"data.eval_tokens={min(256, len(ids) // 4)}", "train.batch_size=256",
+        "train.lr=1e-3", "train.warmup_steps=20", "train.decay='cosine'", "train.eval_every=50",
+        "train.checkpoint_every=100", f"train.out_dir='{out_dir / 'protein_sae'}'",
+    ], ArraySource(means[order]))  # every protein once per epoch, reshuffled each epoch
+    print("[4/5] per-protein activations of every family", file=sys.stderr)
+    families = _families(out_dir, store, ids, means, seed)
+    random_directions = families.pop("random_directions")
+    print("[5/5] held-out, controlled evaluation with nulls", file=sys.stderr)
+    labels = load_labels(root / "go_annotations.tsv", root / "go.sqlite", ids)
+    sequence = {r.id: r.sequence for r in sample}
+    settings = Settings(seed=seed, top_n=max(10, proteins // 40))  # 5 % of each half
+    result = evaluate(families, ids, [sequence[p] for p in ids], labels.annotations, labels.ontology.namespace,
+                      labels.ancestors, settings, random_directions=random_directions)
+    evaluation = write_evaluation(out_dir / "evaluation", result, labels.ontology)
+    _enrichment_table(families["sae"], labels, settings.top_n, out_dir / "sae_enrichment.tsv")
+    matched = {f"{name} vs {REFERENCE}": matched_comparison(result.families[name], result.families[REFERENCE])
+               for name in result.families if name != REFERENCE}
     summary = {
         "model": json.loads((store / "manifest.json").read_text())["model"].get("description", ""),
-        "proteins": len(sae_acts.ids),
-        "training": {**last, "steps": trained.step, "tokens": trained.tokens},
-        "sae": _enrich(sae_acts, ontology, annotated, ("is_a",), out_dir / "sae_enrichment.tsv", "f"),
-        "neurons": _enrich(neuron_acts, ontology, annotated, ("is_a",), out_dir / "neuron_enrichment.tsv", "neuron"),
+        "proteins": len(ids),
+        "sample": {"seed": seed, "lengths": [MIN_LENGTH, MAX_LENGTH], "source": str(root / "human.fasta")},
+        "precision": {"dtype": precision.dtype, "reason": precision.reason},
+        "training": {"sae": {**_last_metrics(out_dir / "sae"), "steps": trained.step, "tokens": trained.tokens},
+                     "protein_sae": {**_last_metrics(out_dir / "protein_sae"), "steps": protein_trained.step,
+                                     "tokens": protein_trained.tokens}},
+        "evaluation": evaluation,
+        "matched": matched,
     }
+    summary["headline"] = headline(evaluation)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from .report import build_report
 
@@ -98,30 +173,45 @@ def run_demo(out_dir: Path, proteins: int = 400, n_latents: int = 4096, data: Pa
     return summary
 
 
+def matched_lines(summary: dict) -> list[str]:
+    """The matched-count comparison, one line per pair."""
+    lines = []
+    for pair, m in summary["matched"].items():
+        lines.append(f"  {pair} ({m['units_each']} units each, matched by activation frequency): pass "
+                     f"{100 * m['a']['pass_share']:.1f}% vs {100 * m['b']['pass_share']:.1f}%, distinct terms "
+                     f"{m['a']['distinct_terms']} vs {m['b']['distinct_terms']}")
+    return lines
+
+
 def _command(args: argparse.Namespace) -> int:
     from .config import ConfigError
+    from .evaluation import EvaluationInputError
     from .trainer import TrainingError
 
-    scale = max(args.scale, 1)
     try:
-        summary = run_demo(Path(args.out), proteins=400 * scale, n_latents=4096 * scale, data=args.data_dir)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError, RuntimeError) as error:
+        summary = run_demo(Path(args.out), proteins=args.proteins, n_latents=args.latents, data=args.data_dir,
+                           seed=args.seed)
+    except (ConfigError, TrainingError, EvaluationInputError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"sae-engine demo: error: {error}", file=sys.stderr)
         return 1
-    sae, neurons = summary["sae"], summary["neurons"]
-    print(f"{summary['model']}\n{summary['proteins']} proteins; SAE eval FVU {summary['training'].get('eval_fvu', float('nan')):.3f}")
-    print(f"features with a GO term at q <= {ALPHA}:  SAE {100 * sae['any']:.1f}% of {sae['features_tested']}"
-          f"  vs  ESM2 neurons {100 * neurons['any']:.1f}% of {neurons['features_tested']}")
-    for ns in ("BP", "MF", "CC"):
-        print(f"  {ns}: SAE {100 * sae[ns]:.1f}%  neurons {100 * neurons[ns]:.1f}%")
-    print(f"report: {Path(args.out) / 'report' / 'index.html'} (summary.json, enrichment tables, sae/ beside it)")
+    sae = summary["training"]["sae"]
+    print(f"{summary['model']}\n{summary['proteins']} sampled human proteins; residue SAE held-out FVU "
+          f"{sae.get('eval_fvu', float('nan')):.3f}")
+    print("held-out, length- and composition-controlled GO evaluation (pass: held-out F1 >= 0.5 and "
+          "the held-out top proteins enriched, q <= 0.05):")
+    print("\n".join(summary["headline"]))
+    print("\n".join(matched_lines(summary)))
+    print(f"report: {Path(args.out) / 'report' / 'index.html'} (summary.json, evaluation/ beside it)")
     return 0
 
 
 def register(commands) -> None:
     """Add ``sae-engine demo``."""
-    parser = commands.add_parser("demo", help="the whole pipeline on real human proteins, against ESM2 neurons")
+    parser = commands.add_parser("demo", help="SAE features against ESM2 neurons and nulls on real human proteins")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--scale", type=int, default=1, help="multiply proteins (400) and latents (4096)")
+    parser.add_argument("--proteins", type=int, default=DEFAULT_PROTEINS,
+                        help=f"sampled human proteins (default {DEFAULT_PROTEINS}; the run time grows with it)")
+    parser.add_argument("--latents", type=int, default=4096, help="residue-level SAE width (default 4096)")
+    parser.add_argument("--seed", type=int, default=0, help="sample, split and null seed (default 0)")
     parser.add_argument("--data-dir", default=None, help="prepared data folder (default: see data prepare)")
     parser.set_defaults(run=_command)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
 from .features import ProteinActivations
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
@@ -59,9 +60,7 @@ class CachedClient:
             model=self.model, max_tokens=max_tokens, system=SYSTEM, messages=[{"role": "user", "content": prompt}]
         )
         text = "".join(block.text for block in message.content if block.type == "text").strip()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": self.model, "prompt": prompt, "response": text}))
-        tmp.replace(path)
+        write_text(path, json.dumps({"model": self.model, "prompt": prompt, "response": text}))
         return text
 
 

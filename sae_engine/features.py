@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+_NPZ_KEYS = ("ids", "shape", "max_data", "max_indices", "max_indptr", "frac_data", "frac_indices", "frac_indptr")
 Code = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # [r, d] -> values, indices [r, k]
 
 
@@ -38,11 +39,28 @@ class ProteinActivations:
 
     @classmethod
     def load(cls, path: str | Path) -> ProteinActivations:
-        z = np.load(path)
-        shape = tuple(z["shape"])
-        matrix = {name: sp.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=shape)
-                  for name in ("max", "frac")}
-        return cls([str(i) for i in z["ids"]], matrix["max"], matrix["frac"])
+        """Read a file written by :meth:`save`; anything else raises ValueError naming the file."""
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read as a ProteinActivations .npz: {error}") from error
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single array, not a ProteinActivations .npz (written by `sae-engine features`)")
+        with z:
+            missing = sorted(set(_NPZ_KEYS) - set(z.files))
+            if missing:
+                raise ValueError(f"{path}: not a ProteinActivations .npz (written by `sae-engine features`): "
+                                 f"missing {', '.join(missing)}")
+            try:
+                shape = tuple(int(v) for v in z["shape"])
+                ids = [str(i) for i in z["ids"]]
+                matrix = {name: sp.csr_matrix((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=shape)
+                          for name in ("max", "frac")}
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{path}: malformed ProteinActivations .npz: {error}") from error
+        if len(ids) != shape[0]:
+            raise ValueError(f"{path}: {len(ids)} ids for {shape[0]} rows")
+        return cls(ids, matrix["max"], matrix["frac"])
 
 
 def neuron_code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,21 +122,95 @@ def protein_activations(
     )
 
 
+def _windows(store_dir: str | Path, layer: int, batch_rows: int):
+    """Protein ids in store order, and batches of whole windows: (protein of each window ``[w]``,
+    window starts inside the batch ``[w]``, the batch's rows ``[r, d]`` float32)."""
+    from .esm.extract import ActivationStore
+
+    store = ActivationStore(store_dir)
+    by_shard: dict[str, list[dict]] = {}
+    ids: list[str] = []
+    protein_of: dict[str, int] = {}
+    for window in store.index():
+        by_shard.setdefault(window["shard"], []).append(window)
+        if window["id"] not in protein_of:
+            protein_of[window["id"]] = len(ids)
+            ids.append(window["id"])
+
+    def batches():
+        for shard_path, shard in zip(store.shard_paths(layer), store.manifest["shards"]):
+            array = np.load(shard_path, mmap_mode="r")
+            windows = sorted(by_shard.get(shard["name"], []), key=lambda w: w["offset"])
+            group: list[dict] = []
+            for window in [*windows, None]:
+                rows = sum(w["rows"] for w in group)
+                if group and (window is None or rows + window["rows"] > batch_rows):
+                    lo = group[0]["offset"]
+                    starts = np.array([w["offset"] - lo for w in group])
+                    yield (np.array([protein_of[w["id"]] for w in group]), starts,
+                           np.array(array[lo : lo + rows], dtype=np.float32))
+                    group = []
+                if window is not None:
+                    group.append(window)
+
+    return ids, batches()
+
+
+def pooled_dense(store_dir: str | Path, layer: int, transform: Callable[[torch.Tensor], torch.Tensor],
+                 n_units: int, batch_rows: int = 8192) -> ProteinActivations:
+    """Per-protein max and firing fraction of a dense per-vector transform (ESM2 neurons, random
+    directions): the pooling of :func:`protein_activations` without listing every (row, unit) pair.
+
+    transform maps vectors ``[r, d]`` to activations ``[r, n_units]`` (ReLU'd: <= 0 is "off").
+    """
+    ids, batches = _windows(store_dir, layer, batch_rows)
+    maxima = np.zeros((len(ids), n_units), dtype=np.float32)
+    fired = np.zeros((len(ids), n_units), dtype=np.float64)
+    rows = np.zeros(len(ids), dtype=np.float64)
+    for protein, starts, x in batches:
+        y = transform(torch.from_numpy(x)).float().numpy()
+        np.maximum.at(maxima, protein, np.maximum.reduceat(y, starts, axis=0))
+        np.add.at(fired, protein, np.add.reduceat((y > 0).astype(np.float32), starts, axis=0))
+        np.add.at(rows, protein, np.diff(np.r_[starts, len(x)]))
+    frac = (fired / np.maximum(rows, 1)[:, None]).astype(np.float32)
+    return ProteinActivations(ids, sp.csr_matrix(maxima), sp.csr_matrix(frac))
+
+
+def mean_vectors(store_dir: str | Path, layer: int, batch_rows: int = 8192) -> tuple[list[str], np.ndarray]:
+    """Protein ids and their mean-pooled vectors ``[P, d]`` from a residue-level store (what an
+    extraction with ``pool="mean"`` would give, without running the model again)."""
+    ids, batches = _windows(store_dir, layer, batch_rows)
+    sums, rows = None, np.zeros(len(ids))
+    for protein, starts, x in batches:
+        if sums is None:
+            sums = np.zeros((len(ids), x.shape[1]))
+        np.add.at(sums, protein, np.add.reduceat(x.astype(np.float64), starts, axis=0))
+        np.add.at(rows, protein, np.diff(np.r_[starts, len(x)]))
+    if sums is None:
+        raise ValueError(f"{store_dir}: the store holds no vectors")
+    return ids, (sums / rows[:, None]).astype(np.float32)
+
+
+def signed_neurons(x: torch.Tensor) -> torch.Tensor:
+    """ESM2 neurons of both signs: ``[r, d] -> [r, 2d]``, ReLU(x) then ReLU(-x)."""
+    x = x.float()
+    return torch.cat([x.clamp_min(0), (-x).clamp_min(0)], dim=1)
+
+
+def topk_code(transform: Callable[[torch.Tensor], torch.Tensor], k: int) -> Code:
+    """A dense transform sparsified to its ``k`` largest activations per vector, as a Code."""
+    def code(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = transform(x).topk(k, dim=1)
+        return values, indices
+
+    return code
+
+
 def load_sae_backend(run_dir: str | Path):
     """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import RunConfig
-    from .torch_backend import TorchSAE
+    from .checkpoint import load_trained_sae
 
-    path = latest_checkpoint(Path(run_dir))
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-    tensors, meta = load_checkpoint(path)
-    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
-    config.train.precision = "fp32"
-    sae = TorchSAE(config, torch.device("cpu"))
-    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-    return sae
+    return load_trained_sae(run_dir)
 
 
 def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:

@@ -20,6 +20,7 @@ def layer_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(var + eps)
 
 
+# Hand-written: the packages that do it (geom-median 0.1.0 of 2022, hdmedians of 2021) are unmaintained; Weiszfeld is ten lines.
 def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-7) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances. points: [N, d] -> [d].
 

@@ -12,7 +12,9 @@ def tune_allocator() -> bool:
     By default glibc serves large blocks with ``mmap`` and unmaps them when freed, and trims the
     heap top: every batch then page-faults its large tensors in again (about 40% of fair-esm's
     loop time on a 2-core CPU). With mmap off for malloc and trimming only above 1 GiB, freed
-    blocks are reused. Process-wide; returns False where there is no glibc (then a no-op).
+    blocks are reused. Process-wide, so only a program's entry point should call it: the
+    ``sae-engine`` command line does; library functions never do. Returns False where there is
+    no glibc (then a no-op).
     """
     name = ctypes.util.find_library("c")
     if not name or sys.platform != "linux":

@@ -1,10 +1,11 @@
 """A static HTML report of a demo run: opens from disk, no server.
 
-``index.html``: the headline figure (share of features with a GO term at q <= 0.05 per
-namespace, SAE features against ESM2 neurons), latent statistics, the training curves, and a
-table of the features with the strongest enrichment. ``features/<feature>.html``: the feature's
-enriched terms, its activation histogram over proteins, its top proteins with their gene names,
-Pfam families and GO terms, and the per-residue activation track of its top protein.
+``index.html``: the held-out, controlled evaluation of every family beside the null families
+(table and figure), the matched-count comparison, the training curves, and the passing SAE
+features ordered by held-out F1, one per GO term. ``features/<feature>.html``: the feature's
+term with its discovery and held-out statistics, its activation histogram over proteins, its top
+proteins with their gene names, Pfam families and GO terms, and the per-residue activation track
+of its top protein.
 """
 from __future__ import annotations
 
@@ -53,16 +54,21 @@ def gene_names(data_dir: Path) -> dict[str, str]:
     return {acc: value[0].replace("\t", ": ", 1) for acc, value in _two_column(Path(data_dir) / "human_names.tsv").items()}
 
 
-def _shares_figure(summary: dict, out: Path) -> None:
+def _pass_figure(evaluation: dict, out: Path) -> None:
+    """Held-out pass share and distinct terms per family, nulls in grey, the false-pass floor dashed."""
     plt = _plt()
-    names = ["BP", "MF", "CC", "any"]
+    names = [*evaluation["families"], *evaluation["nulls"]]
+    rows = [*evaluation["families"].values(), *evaluation["nulls"].values()]
+    colors = ["tab:blue"] * len(evaluation["families"]) + ["tab:gray"] * len(evaluation["nulls"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for offset, (label, key) in zip((-0.2, 0.2), (("SAE features", "sae"), ("ESM2 neurons", "neurons"))):
-        ax.bar(x + offset, [100 * summary[key][n] for n in names], width=0.4, label=label)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("% of features with a GO term, q <= 0.05")
-    ax.legend()
+    left.bar(x, [100 * r["pass_share"] for r in rows], color=colors)
+    left.axhline(100 * evaluation["false_pass_floor"], color="k", linestyle="--", linewidth=1)
+    left.set_ylabel("% of units passing (held out)")
+    right.bar(x, [r["distinct_terms"] for r in rows], color=colors)
+    right.set_ylabel("distinct GO terms (passing units)")
+    for ax in (left, right):
+        ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -118,60 +124,94 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def representatives(table: list[dict[str, str]]) -> list[tuple[dict[str, str], int]]:
+    """Passing units ordered by held-out F1, one per best term: (the best unit, how many others share its term)."""
+    passing = sorted((r for r in table if r["passes"] == "1"), key=lambda r: -float(r["heldout_f1"]))
+    chosen: dict[str, list] = {}
+    for row in passing:
+        if row["go_id"] in chosen:
+            chosen[row["go_id"]][1] += 1
+        else:
+            chosen[row["go_id"]] = [row, 0]
+    return [(row, others) for row, others in chosen.values()]
+
+
+def _family_table(evaluation: dict) -> str:
+    rows = []
+    for group in ("families", "nulls"):
+        for name, s in evaluation[group].items():
+            diff = f"{100 * evaluation['pass_share_minus_best_null'][name]:+.1f}%" if group == "families" else ""
+            f1 = f"{s['median_f1']:.2f}" if s["median_f1"] is not None else "-"
+            rows.append([html.escape(name if group == "families" else f"null: {name}"), str(s["units"]),
+                         str(s["passing"]), f"{100 * s['pass_share']:.1f}%", str(s["distinct_terms"]), f1, diff])
+    return _table(["family", "units", "passing", "pass share", "distinct terms", "median held-out F1",
+                   "minus best null"], rows)
+
+
 def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50) -> Path:
     """Write ``demo_dir/report/`` for a finished demo; returns the index path."""
     demo_dir = Path(demo_dir)
     out = demo_dir / "report"
     (out / "features").mkdir(parents=True, exist_ok=True)
     summary = json.loads((demo_dir / "summary.json").read_text())
-    enrichment = _read_table(demo_dir / "sae_enrichment.tsv")
+    evaluation = summary["evaluation"]
+    table = _read_table(demo_dir / "evaluation" / "units" / "sae.tsv")
     acts = ProteinActivations.load(demo_dir / "sae_activations.npz")
     pfam = _two_column(data_dir / "human_pfam.tsv")
     names = gene_names(data_dir)
-    go_terms = {row["go_id"]: row["go_name"] for row in enrichment}
+    go_names = {row["go_id"]: row["go_name"] for row in table if row["go_id"]}
     annotations = _two_column(data_dir / "go_annotations.tsv")
     sae = load_sae_backend(demo_dir / "sae")
     residues = _residue_rows(demo_dir / "store", layer)
 
-    _shares_figure(summary, out / "shares.png")
+    _pass_figure(evaluation, out / "pass.png")
     if (demo_dir / "sae" / "curves.png").exists():
         shutil.copy(demo_dir / "sae" / "curves.png", out / "curves.png")
-    best: dict[str, dict[str, str]] = {}
-    for row in enrichment:
-        if row["feature"] not in best or float(row["log10_p"]) < float(best[row["feature"]]["log10_p"]):
-            best[row["feature"]] = row
-    chosen = sorted(best.values(), key=lambda r: float(r["log10_p"]))[:features]
-
+    chosen = representatives(table)
     index_rows = []
-    for row in chosen:
-        name = row["feature"]
-        column = int(name[1:])
+    for row, others in chosen[:features]:
+        name = f"f{row['unit']}"
         index_rows.append([f"<a href='features/{name}.html'>{name}</a>", html.escape(row["go_id"]),
-                           html.escape(row["go_name"]), row["namespace"], row["q_value"]])
-        _feature_page(out, name, column, enrichment, acts, pfam, names, annotations, go_terms, sae, residues)
-    training = summary["training"]
+                           html.escape(row["go_name"]), row["namespace"], f"{float(row['heldout_f1']):.2f}",
+                           row["heldout_q"], str(others)])
+        _feature_page(out, name, row, acts, pfam, names, annotations, go_names, sae, residues)
+    matched = "".join(f"<li>{html.escape(pair)} ({m['units_each']} units each): pass share "
+                      f"{100 * m['a']['pass_share']:.1f}% vs {100 * m['b']['pass_share']:.1f}%, distinct terms "
+                      f"{m['a']['distinct_terms']} vs {m['b']['distinct_terms']}</li>" for pair, m in summary["matched"].items())
+    training = summary["training"]["sae"]
+    floor_state = "within" if evaluation["nulls_within_limit"] else "above"
     body = (
         f"<h1>sae-engine demo report</h1><p>{html.escape(summary['model'])}</p>"
-        f"<p>{summary['proteins']} proteins; {training.get('steps')} training steps; held-out FVU "
-        f"{training.get('eval_fvu', float('nan')):.3f}; dead latents {100 * training.get('dead_fraction', 0):.1f}%, "
-        f"dense latents {100 * training.get('dense_fraction', 0):.1f}%.</p>"
-        f"<h2>Features with a GO term at q &le; 0.05</h2>"
-        f"<p>SAE features: {100 * summary['sae']['any']:.1f}% of {summary['sae']['features_tested']}; "
-        f"ESM2 neurons: {100 * summary['neurons']['any']:.1f}% of {summary['neurons']['features_tested']} "
-        f"(study sets: each feature's strongest {summary['sae']['study_set_size']} proteins).</p>"
-        "<img src='shares.png' alt='enriched share per namespace'>"
-        "<h2>Training</h2><img src='curves.png' alt='training curves' style='max-width:100%'>"
-        f"<h2>Most strongly enriched features</h2>"
-        + (_table(["feature", "GO id", "term", "namespace", "q"], index_rows) if index_rows
-           else "<p>No feature reached q &le; 0.05 (too few proteins: try <code>--scale</code>).</p>")
+        f"<p>{summary['proteins']} human proteins (a seeded random sample of 50-1000 residues; "
+        f"{evaluation['discovery_proteins']} for discovery, {evaluation['heldout_proteins']} held out). Residue-level "
+        f"SAE: {training.get('steps')} steps, held-out FVU {training.get('eval_fvu', float('nan')):.3f}, dead latents "
+        f"{100 * training.get('dead_fraction', 0):.1f}%.</p>"
+        "<h2>Held-out, controlled GO evaluation</h2>"
+        "<p>Each unit's activation is residualized on log length and the 20 amino-acid fractions; its best GO term "
+        "and F1-maximizing threshold are chosen on discovery proteins; it passes when, on held-out proteins, F1 "
+        "&ge; 0.5 and its top proteins are still enriched for the term (q &le; 0.05). Null families (grey) are "
+        "scored by the same code. Composition units and permuted labels know nothing beyond what the controls "
+        f"remove: their best pass share, {100 * evaluation['false_pass_floor']:.1f}%, is the false-pass floor "
+        f"({floor_state} the {100 * evaluation['floor_limit']:.0f}% limit; dashed). Random directions of ESM2's "
+        "activation space know what that space knows: they are the baseline of a random dictionary, and the "
+        "last column compares every family with the best null, random directions included.</p>"
+        + _family_table(evaluation)
+        + "<img src='pass.png' alt='pass share and distinct terms per family'>"
+        + f"<h2>At matched counts</h2><p>Equal-size subsets matched by activation frequency.</p><ul>{matched}</ul>"
+        + "<h2>Training</h2><img src='curves.png' alt='training curves' style='max-width:100%'>"
+        + "<h2>Passing SAE features</h2><p>Ordered by held-out F1; one feature per GO term, with the number of "
+          "other passing features whose best term is the same.</p>"
+        + (_table(["feature", "GO id", "term", "namespace", "held-out F1", "held-out q", "others with this term"],
+                  index_rows) if index_rows
+           else "<p>No SAE feature passed the held-out test (try more proteins: <code>--proteins</code>).</p>")
     )
     index = out / "index.html"
     index.write_text(_page("sae-engine demo report", body))
     return index
 
 
-def _feature_page(out, name, column, enrichment, acts, pfam, names, annotations, go_terms, sae, residues) -> None:
-    terms = [r for r in enrichment if r["feature"] == name][:20]
+def _feature_page(out, name, row, acts, pfam, names, annotations, go_names, sae, residues) -> None:
+    column = int(row["unit"])
     values = acts.max[:, column].toarray().ravel()
     _histogram(values[values > 0], out / "features" / f"{name}_hist.png")
     top = np.argsort(-values)[:TOP_PROTEINS]
@@ -180,7 +220,7 @@ def _feature_page(out, name, column, enrichment, acts, pfam, names, annotations,
         if values[p] <= 0:
             break
         protein = acts.ids[p]
-        named = [f"{g} ({html.escape(go_terms[g])})" if g in go_terms else g for g in annotations.get(protein, [])[:6]]
+        named = [f"{g} ({html.escape(go_names[g])})" if g in go_names else g for g in annotations.get(protein, [])[:6]]
         protein_rows.append([html.escape(protein), html.escape(names.get(protein, "-")), f"{values[p]:.3f}",
                              html.escape(", ".join(pfam.get(protein, [])) or "-"), ", ".join(named) or "-"])
     track = ""
@@ -190,13 +230,14 @@ def _feature_page(out, name, column, enrichment, acts, pfam, names, annotations,
         per_residue = (code_values.float() * (code_indices == column)).sum(dim=1).numpy()
         _track(per_residue, protein, out / "features" / f"{name}_track.png")
         track = f"<h2>Per-residue activation in {html.escape(protein)}</h2><img src='{name}_track.png'>"
+    stats = _table(["GO id", "term", "namespace", "discovery q", "threshold", "discovery F1", "held-out F1",
+                    "held-out q", "R² on length + composition", "active on"],
+                   [[html.escape(row["go_id"]), html.escape(row["go_name"]), row["namespace"], row["discovery_q"],
+                     row["threshold"], row["discovery_f1"], row["heldout_f1"], row["heldout_q"], row["r2"],
+                     f"{100 * float(row['frequency']):.1f}% of proteins"]])
     body = (
         f"<p><a href='../index.html'>index</a></p><h1>Feature {name}</h1>"
-        "<h2>Enriched GO terms</h2>"
-        + _table(["GO id", "term", "namespace", "in study", "fold", "q", "most specific"],
-                 [[html.escape(r["go_id"]), html.escape(r["go_name"]), r["namespace"],
-                   f"{r['study_count']}/{r['study_size']}", r["fold_enrichment"], r["q_value"], r["most_specific"]]
-                  for r in terms])
+        "<h2>Held-out GO term</h2>" + stats
         + f"<h2>Activation over proteins</h2><img src='{name}_hist.png'>"
         + "<h2>Top proteins</h2>" + _table(["protein", "gene: name", "max activation", "Pfam", "GO terms"], protein_rows)
         + track

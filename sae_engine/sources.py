@@ -1,16 +1,27 @@
 """Activation sources for the ring buffer: in-memory arrays, memory-mapped shards, synthetic data.
 
 Each source yields chunks ``[m, d]`` from a given vector offset (``iter_from``), which is what
-lets a restored ring buffer continue exactly where a checkpoint left it.
+lets a restored ring buffer continue exactly where a checkpoint left it. :class:`OffsetSource`
+and :class:`PairedSource` combine sources (the training part after the held-out head; inputs
+and targets of a transcoder). The built-in ``synthetic`` and ``shards`` sources, with their
+``[data.synthetic]`` and ``[data.shards]`` options, are registered at the end
+(see :mod:`sae_engine.registry`).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+
+from .config import ConfigError
+from .registry import SourceSpec
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 class ActivationSource(Protocol):
@@ -61,6 +72,8 @@ class ShardSource:
                 raise ValueError(f"cannot read activation shard {path}: {error}") from error
             if array.ndim != 2:
                 raise ValueError(f"activation shard {path} must be [N, d], got shape {array.shape}")
+            if array.shape[0] == 0:
+                raise ValueError(f"activation shard {path} holds no rows")
             self.shards.append((path, array))
         widths = {array.shape[1] for _, array in self.shards}
         if len(widths) != 1:
@@ -108,3 +121,90 @@ class SyntheticSource:
         for index in range(first, -(-self.total // self.chunk_size)):
             chunk = self._chunk(index)
             yield chunk[start - index * self.chunk_size :] if index == first else chunk
+
+
+class OffsetSource:
+    """A view of a source that starts ``offset`` vectors in (the rest is the held-out set)."""
+
+    def __init__(self, inner: ActivationSource, offset: int) -> None:
+        self.inner, self.offset, self.d = inner, offset, inner.d
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.offset
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        return self.inner.iter_from(start + self.offset)
+
+
+class PairedSource:
+    """Input and target sources read side by side as [m, d_in + d_out] chunks (transcoders)."""
+
+    def __init__(self, inputs: ActivationSource, targets: ActivationSource) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"transcoder inputs hold {len(inputs)} vectors but targets hold {len(targets)}")
+        self.inputs, self.targets = inputs, targets
+        self.d = inputs.d + targets.d
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        for x, y in zip(self.inputs.iter_from(start), self.targets.iter_from(start)):
+            yield torch.cat([x.float(), y.float()], dim=1)
+
+
+# -- the built-in sources of the registry ----------------------------------------------------------
+
+
+@dataclass
+class SyntheticOptions:
+    """``[data.synthetic]``: low-rank random vectors (see :class:`SyntheticSource`)."""
+
+    tokens: int = 1_000_000  # training vectors; data.eval_tokens more are made for evaluation
+
+
+def _check_synthetic(options: SyntheticOptions, config: RunConfig) -> None:
+    if not isinstance(options.tokens, int) or options.tokens < 1:
+        raise ConfigError(f"data.synthetic.tokens = {options.tokens!r}: must be a positive integer")
+
+
+def _build_synthetic(options: SyntheticOptions, config: RunConfig) -> SyntheticSource:
+    m = config.model
+    return SyntheticSource(m.d_in + (m.d_out or 0), options.tokens + config.data.eval_tokens, seed=config.data.seed)
+
+
+@dataclass
+class ShardOptions:
+    """``[data.shards]``: ``.npy`` files ``[N, d]``, read in order."""
+
+    paths: list[str] = field(default_factory=list)
+    target_paths: list[str] = field(default_factory=list)  # transcoders: the targets, aligned with paths
+
+
+def _check_shards(options: ShardOptions, config: RunConfig) -> None:
+    if not options.paths:
+        raise ConfigError(f"data.shards.paths = {options.paths!r}: source = 'shards' needs at least one .npy file")
+    for key in ("paths", "target_paths"):
+        for path in getattr(options, key):
+            if not Path(path).exists():
+                raise ConfigError(f"data.shards.{key} = {path!r}: file not found")
+    if config.model.is_transcoder and len(options.target_paths) != len(options.paths):
+        raise ConfigError(f"data.shards.target_paths = {options.target_paths!r}: a transcoder needs one target "
+                          f"shard per input shard ({len(options.paths)})")
+
+
+def _build_shards(options: ShardOptions, config: RunConfig) -> ActivationSource:
+    m = config.model
+    inputs = ShardSource(options.paths)
+    if inputs.d != m.d_in:
+        raise ConfigError(f"data.shards.paths: shards have d={inputs.d} but model.d_in = {m.d_in}")
+    if not m.is_transcoder:
+        return inputs
+    targets = ShardSource(options.target_paths)
+    if targets.d != m.d_out:
+        raise ConfigError(f"data.shards.target_paths: shards have d={targets.d} but model.d_out = {m.d_out}")
+    return PairedSource(inputs, targets)
+
+
+SYNTHETIC = SourceSpec("synthetic", SyntheticOptions, _build_synthetic, _check_synthetic)
+SHARDS = SourceSpec("shards", ShardOptions, _build_shards, _check_shards)

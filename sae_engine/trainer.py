@@ -1,19 +1,21 @@
 """The training loop: data, schedule, logging, evaluation, checkpoints, signals.
 
 The loop is backend-agnostic: a backend owns parameters, the step function and the optimizer
-(``TorchSAE`` here); the loop owns everything else. A run directory holds ``config.json``,
-``metrics.jsonl``, ``curves.png`` and ``checkpoints/``. Starting a run whose directory has a
-checkpoint resumes it: on the CPU the resumed run is bitwise identical to an uninterrupted one.
+(``TorchSAE`` here); the loop owns everything else. It reads any activation source it is given
+(:mod:`sae_engine.sources`); :func:`train` builds the one a config names through
+:mod:`sae_engine.registry`, so this module knows no particular source. A run directory holds
+``config.json``, ``metrics.jsonl``, ``curves.png`` and ``checkpoints/``. Starting a run whose
+directory has a checkpoint resumes it (logged as "resuming from step N, checkpoint PATH"): on
+the CPU the resumed run is bitwise identical to an uninterrupted one. Nothing here changes
+process-wide settings (see :func:`sae_engine.memory.tune_allocator`: the CLI calls it).
 """
 from __future__ import annotations
 
 import itertools
-import json
+import logging
 import math
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,14 @@ from .backend import SAEBackend, run_precision
 from .buffer import RingBuffer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
-from .memory import tune_allocator
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
-from .sources import ActivationSource, ShardSource, SyntheticSource
+from .parallel import apply as parallel
+from .parallel.checkpoint import read_meta
+from .registry import build_source
+from .sources import ActivationSource, OffsetSource
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -41,103 +47,7 @@ class TrainResult:
     tokens: int
     final: dict[str, float]
     interrupted: bool = False
-
-
-class OffsetSource:
-    """A view of a source that starts ``offset`` vectors in (the rest is the held-out set)."""
-
-    def __init__(self, inner: ActivationSource, offset: int) -> None:
-        self.inner, self.offset, self.d = inner, offset, inner.d
-
-    def __len__(self) -> int:
-        return len(self.inner) - self.offset
-
-    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
-        return self.inner.iter_from(start + self.offset)
-
-
-class PairedSource:
-    """Input and target sources read side by side as [m, d_in + d_out] chunks (transcoders)."""
-
-    def __init__(self, inputs: ActivationSource, targets: ActivationSource) -> None:
-        if len(inputs) != len(targets):
-            raise ConfigError(f"transcoder inputs hold {len(inputs)} vectors but targets hold {len(targets)}")
-        self.inputs, self.targets = inputs, targets
-        self.d = inputs.d + targets.d
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
-        for x, y in zip(self.inputs.iter_from(start), self.targets.iter_from(start)):
-            yield torch.cat([x.float(), y.float()], dim=1)
-
-
-def build_source(config: RunConfig) -> ActivationSource:
-    """The activation source a config names: vectors [d_in] (SAE) or [d_in + d_out] (transcoder)."""
-    m, d = config.model, config.data
-    width = m.d_in + (m.d_out or 0)
-    if d.source == "synthetic":
-        return SyntheticSource(width, d.synthetic_tokens + d.eval_tokens, seed=d.seed)
-    if d.source == "shards":
-        inputs = ShardSource(d.paths)
-        if inputs.d != m.d_in:
-            raise ConfigError(f"data.paths: shards have d={inputs.d} but model.d_in = {m.d_in}")
-        if not m.is_transcoder:
-            return inputs
-        targets = ShardSource(d.target_paths)
-        if targets.d != m.d_out:
-            raise ConfigError(f"data.target_paths: shards have d={targets.d} but model.d_out = {m.d_out}")
-        return PairedSource(inputs, targets)
-    layers = [d.layer] + ([d.target_layer] if m.is_transcoder else [])
-    if d.source == "esm_live":
-        return _live_source(config, layers)
-    from .esm.extract import StoreSource, ensure_store
-
-    ensure_store(d.store, layers=layers, fasta=_fasta_subset(config), model=d.esm_model, pool=d.pool,
-                 progress=config.train.progress)
-    inputs = StoreSource(d.store, d.layer)
-    if inputs.d != m.d_in:
-        raise ConfigError(f"data.store: layer {d.layer} vectors have d={inputs.d} but model.d_in = {m.d_in}")
-    if not m.is_transcoder:
-        return inputs
-    targets = StoreSource(d.store, d.target_layer)
-    if targets.d != m.d_out:
-        raise ConfigError(f"data.store: layer {d.target_layer} vectors have d={targets.d} but model.d_out = {m.d_out}")
-    return PairedSource(inputs, targets)
-
-
-def _live_source(config: RunConfig, layers: list[int]) -> ActivationSource:
-    """ESM2 run by the ring buffer's producer (see sae_engine.esm.live)."""
-    from .esm.live import LiveSource
-    from .esm.models import load_model
-
-    m = config.model
-    source = LiveSource(_fasta_subset(config), load_model(config.data.esm_model), layers, pool=config.data.pool)
-    width = source.d // len(layers)
-    if width != m.d_in or (m.is_transcoder and width != m.d_out):
-        raise ConfigError(f"data.esm_model gives d={width} vectors but model.d_in = {m.d_in}"
-                          + (f", model.d_out = {m.d_out}" if m.is_transcoder else ""))
-    return source
-
-
-def _fasta_subset(config: RunConfig) -> Path | None:
-    """The FASTA to extract from: data.fasta, or its first data.max_proteins records."""
-    d = config.data
-    if not d.fasta:
-        return None
-    fasta = Path(d.fasta).expanduser()
-    if d.max_proteins is None:
-        return fasta
-    from .esm.fasta import read_fasta, write_fasta
-
-    subset = Path(d.store or config.train.out_dir).expanduser().with_suffix(".input.fasta")
-    if not subset.exists():
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        tmp = subset.with_name(subset.name + ".tmp")
-        write_fasta(itertools.islice(read_fasta(fasta), d.max_proteins), tmp)
-        tmp.rename(subset)
-    return subset
+    resumed_from: Path | None = None  # the checkpoint this run continued, if any
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,9 +61,6 @@ def resolve_device(name: str) -> torch.device:
 def make_backend(config: RunConfig, device: torch.device, precision: str | None = None) -> SAEBackend:
     """The backend ``train.backend`` names, computing in ``precision`` ("bf16" or "fp32"; None =
     ``train.precision`` decided for the device)."""
-    if device.type == "cpu":
-        # A step frees and reallocates tens of MiB: keep that memory instead of faulting it in again.
-        tune_allocator()
     if config.train.backend == "torch":
         from .torch_backend import TorchSAE
 
@@ -171,7 +78,7 @@ def _recorded_precision(checkpoint: Path | None) -> str | None:
     Checkpoints from before ``precision_resolved`` computed in bf16 unless fp32 was asked for."""
     if checkpoint is None:
         return None
-    train = json.loads((checkpoint / "meta.json").read_text())["config"]["train"]
+    train = read_meta(checkpoint)["config"]["train"]
     return train.get("precision_resolved") or ("fp32" if train["precision"] == "fp32" else "bf16")
 
 
@@ -227,13 +134,23 @@ def _check_finite(step: int, batch: torch.Tensor, metrics: dict) -> None:
 
 
 class Trainer:
-    """Runs one training job from a RunConfig; see the module docstring."""
+    """Runs one training job from a RunConfig on an activation source; see the module docstring.
 
-    def __init__(self, config: RunConfig) -> None:
+    ``source`` yields vectors ``[d_in]`` (an SAE) or ``[d_in + d_out]``, input and target side by
+    side (a transcoder); its first ``data.eval_tokens`` vectors are held out for evaluation.
+    """
+
+    def __init__(self, config: RunConfig, source: ActivationSource) -> None:
         self.config = config
         self.run_dir = Path(config.train.out_dir)
         self.device = resolve_device(config.train.device)
-        source = build_source(config)
+        self.mesh = parallel.setup(config, self.device)  # None: one plain process
+        self.device = self.device if self.mesh is None else self.mesh.device
+        self.is_main = self.mesh is None or self.mesh.is_main
+        width = config.model.d_in + (config.model.d_out or 0)
+        if source.d != width:
+            raise ConfigError(f"the data source gives vectors of d={source.d}, but the model needs d={width}"
+                              + (" (model.d_in + model.d_out)" if config.model.is_transcoder else " (model.d_in)"))
         d = config.data
         if len(source) <= d.eval_tokens:
             raise ConfigError(f"the data holds {len(source)} vectors, not more than data.eval_tokens = {d.eval_tokens}")
@@ -241,7 +158,8 @@ class Trainer:
         self.train_source = OffsetSource(source, d.eval_tokens)
         precision = run_precision(config.train, self.device.type, _recorded_precision(latest_checkpoint(self.run_dir)))
         config.train.precision_resolved = precision.dtype  # recorded in config.json and every checkpoint
-        print(f"sae-engine train: computing in {precision.dtype} ({precision.reason})", file=sys.stderr)
+        if self.is_main:
+            log.info("computing in %s (%s)", precision.dtype, precision.reason)
         dtype = torch.bfloat16 if precision.dtype == "bf16" else torch.float32
         self.buffer = RingBuffer(self.train_source, d.buffer_size, dtype=dtype, device=self.device, seed=d.seed)
         available = len(self.train_source)
@@ -249,9 +167,11 @@ class Trainer:
         self.total_steps = budget // config.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"{budget} training vectors make no full batch of train.batch_size = {config.train.batch_size}")
-        self.backend = make_backend(config, self.device, precision.dtype)
+        self.backend = (make_backend(config, self.device, precision.dtype) if self.mesh is None
+                        else parallel.parallelize(config, self.mesh))
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self.step = 0
+        self.resumed_from: Path | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -271,17 +191,32 @@ class Trainer:
         tensors = dict(self.backend.state_tensors())
         tensors["buffer.unserved"] = buffer_state["unserved"].float()
         tensors["buffer.rng"] = buffer_state["rng"]
+        if self.mesh is not None:
+            return parallel.save(self.run_dir, self.step, tensors, meta, self.mesh, self.config)
         return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
-        tensors, meta = load_checkpoint(path)
+        meta = read_meta(path)
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
+        if parallel.needs_parallel_load(path, self.mesh):
+            tensors = parallel.load(path, self.backend, self.mesh, self.config)
+        else:
+            tensors, meta = load_checkpoint(path)
+        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
+            self.backend.load_state_tensors(tensors, 0, False)
+            log.warning(
+                "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
+                meta["imported_from"]["path"], meta["imported_from"]["format"])
+            return
         self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
         self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
         self.step = meta["step"]
-        self.log.truncate_after(self.step)
+        if self.is_main:
+            self.log.truncate_after(self.step)
+            log.info("resuming from step %d, checkpoint %s", self.step, path)
+        self.resumed_from = path
 
     def _initialize(self) -> None:
         sample = self.eval_batch if self.eval_batch is not None else next(self.train_source.iter_from(0))
@@ -292,15 +227,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.config.to_json())
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
             self._initialize()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.config.to_json())
         lr_peak = self.config.learning_rate
-        progress = _progress(self.total_steps, self.step, t.progress)
+        progress = _progress(self.total_steps, self.step, t.progress and self.is_main)
         window_start, window_steps = time.perf_counter(), 0
         last: dict[str, float] = {}
         interrupted = False
@@ -309,7 +245,7 @@ class Trainer:
                 batch = self.buffer.next_batch(t.batch_size, drop_last=True)
                 if batch is None:
                     break
-                x, y = _split(batch, self.config.model.d_in)
+                x, y = _split(parallel.local_rows(batch, self.mesh), self.config.model.d_in)
                 lr = learning_rate(self.step, self.total_steps, lr_peak, t.warmup_steps, t.decay, t.decay_start)
                 metrics = self.backend.train_step(x, y, lr)
                 _check_finite(self.step, batch, metrics)
@@ -325,13 +261,14 @@ class Trainer:
                     last.update(self._evaluate())
                 if self.step % t.checkpoint_every == 0:
                     self.save()
-                if stop.signal is not None:
+                if parallel.any_rank(stop.signal is not None, self.mesh):
                     interrupted = True
                     break
         progress.close()
         self.save()
-        plot_curves(self.log.read(), self.run_dir / "curves.png")
-        return TrainResult(self.run_dir, self.step, self.step * t.batch_size, last, interrupted)
+        if self.is_main:
+            plot_curves(self.log.read(), self.run_dir / "curves.png")
+        return TrainResult(self.run_dir, self.step, self.step * t.batch_size, last, interrupted, self.resumed_from)
 
     def _log(self, metrics: dict[str, torch.Tensor], lr: float, steps: int, elapsed: float) -> dict[str, float]:
         t = self.config.train
@@ -339,7 +276,8 @@ class Trainer:
         record.update({name: float(value) for name, value in metrics.items()})
         record.update(self.backend.latent_stats(steps * t.batch_size))
         record["tokens_per_s"] = steps * t.batch_size / max(elapsed, 1e-9)
-        self.log.write(record)
+        if self.is_main:
+            self.log.write(record)
         return record
 
     def _evaluate(self) -> dict[str, float]:
@@ -350,7 +288,8 @@ class Trainer:
             for key, value in self.backend.evaluate(x[lo:hi], y[lo:hi]).items():
                 results.setdefault(key, []).append(value)
         record = {key: float(sum(v) / len(v)) for key, v in results.items()}
-        self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
+        if self.is_main:
+            self.log.write({"step": self.step, "tokens": self.step * self.config.train.batch_size, **record})
         return record
 
 
@@ -360,7 +299,8 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def train(config: RunConfig) -> TrainResult:
-    """Train (or resume) the run a config describes. See ``Trainer``."""
-    return Trainer(config).run()
+def train(config: RunConfig, source: ActivationSource | None = None) -> TrainResult:
+    """Train (or resume) the run a config describes, on ``source`` or else the source that
+    ``config.data`` names (built through :mod:`sae_engine.registry`). See ``Trainer``."""
+    return Trainer(config, source if source is not None else build_source(config)).run()
 

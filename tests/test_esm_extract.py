@@ -18,22 +18,14 @@ import torch
 pytest.importorskip("esm")
 
 from sae_engine.buffer import RingBuffer  # noqa: E402
-from sae_engine.esm import extract  # noqa: E402
-from sae_engine.esm.extract import (  # noqa: E402
-    ActivationStore,
-    ExtractConfig,
-    FastESM2,
-    StoreError,
-    StoreSource,
-    Tokenizer,
-    embed,
-    ensure_store,
-    extract_to_store,
-    plan_batches,
-)
+from sae_engine.esm import commands  # noqa: E402
+from sae_engine.esm.batching import Tokenizer, plan_batches  # noqa: E402
+from sae_engine.esm.extract import ExtractConfig, embed, ensure_store, extract_to_store  # noqa: E402
 from sae_engine.esm.fasta import Record, write_fasta  # noqa: E402
+from sae_engine.esm.forward import FastESM2  # noqa: E402
 from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
-from sae_engine.trainer import PairedSource  # noqa: E402
+from sae_engine.esm.store import ActivationStore, StoreError, StoreSource  # noqa: E402
+from sae_engine.sources import PairedSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LETTERS = "ACDEFGHIKLMNPQRSTVWY"
@@ -195,7 +187,7 @@ def test_resume_after_sigkill_has_every_protein_once(tmp_path: Path, tiny_dir: P
     sequences = _proteins(1500, 20, 120, seed=9)
     fasta = _fasta(tmp_path, sequences)
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "sae_engine.esm.extract", "--fasta", str(fasta), "--model", str(tiny_dir),
+    command = [sys.executable, "-m", "sae_engine", "extract", "--fasta", str(fasta), "--model", str(tiny_dir),
                "--layers", "1,2", "--out", str(store), "--shard-rows", "1500", "--max-tokens", "2048", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: threads only add synchronisation
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -227,7 +219,7 @@ def test_resume_after_sigkill_has_every_protein_once(tmp_path: Path, tiny_dir: P
 
 def test_cli_extract_and_errors(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    extract.register(parser.add_subparsers(dest="command"))
+    commands.register(parser.add_subparsers(dest="command"))
     fasta = _fasta(tmp_path, _proteins(4, seed=10))
     args = parser.parse_args(["extract", "--fasta", str(fasta), "--model", str(tiny_dir), "--layers", "0,2",
                               "--out", str(tmp_path / "store"), "--pool", "max", "--quiet"])
@@ -241,3 +233,9 @@ def test_cli_extract_and_errors(tmp_path: Path, tiny_dir: Path, capsys: pytest.C
     args = parser.parse_args(["extract", "--fasta", str(fasta), "--model", str(tiny_dir), "--layers", "5", "--out", str(tmp_path / "s3")])
     assert args.run(args) == 2
     assert "out of range" in capsys.readouterr().err
+    empty = tmp_path / "empty.fasta"
+    empty.write_text("")
+    args = parser.parse_args(["extract", "--fasta", str(empty), "--model", str(tiny_dir), "--layers", "1", "--out", str(tmp_path / "s4")])
+    assert args.run(args) == 2
+    assert f"{empty}: no records" in capsys.readouterr().err
+    assert not (tmp_path / "s4").exists()

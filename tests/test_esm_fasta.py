@@ -32,6 +32,8 @@ def test_reads_multiline_records_with_the_documented_rules(tmp_path: Path) -> No
         (">P1\nMK\n>P2\nAA\n>P1\nCC\n", r":5: duplicate record id 'P1' \(first at line 1\)"),
         ("MKT\n>P1\nAA\n", r":1: sequence data before the first '>' header"),
         ("> \nAA\n", r":1: header without an id"),
+        ("", r"in.fasta: no records \(the file is empty"),
+        ("\n\n", r"in.fasta: no records"),
     ],
 )
 def test_bad_input_names_file_line_and_record(tmp_path: Path, text: str, message: str) -> None:

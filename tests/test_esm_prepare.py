@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_engine.esm import prepare
+from sae_engine.esm import commands, datadir, prepare
 from sae_engine.esm.prepare import BlastDbV4, Manifest, Preparer, data_dir
 
 FIXTURE = Path(__file__).parent / "data" / "esm" / "goasp_mfo5"
@@ -36,9 +36,9 @@ def test_ber_title_long_form_length() -> None:
 
 
 def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(prepare.DATA_ENV, raising=False)
+    monkeypatch.delenv(datadir.DATA_ENV, raising=False)
     assert data_dir() == Path.home() / ".cache" / "sae-engine" / "data"
-    monkeypatch.setenv(prepare.DATA_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(datadir.DATA_ENV, str(tmp_path / "env"))
     assert data_dir() == tmp_path / "env"
     assert data_dir(tmp_path / "arg") == tmp_path / "arg"
 
@@ -73,6 +73,6 @@ def test_steps_are_stamped_and_skipped_when_done(tmp_path: Path) -> None:
 
 def test_cli_registers_data_prepare() -> None:
     parser = argparse.ArgumentParser()
-    prepare.register(parser.add_subparsers(dest="command"))
+    commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["data", "prepare", "--data-dir", "/x", "--quiet"])
-    assert args.run is prepare._command and args.data_dir == "/x" and args.quiet
+    assert args.run is commands._prepare and args.data_dir == "/x" and args.quiet

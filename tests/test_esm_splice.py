@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sae_engine.config import load_config
 from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2
-from sae_engine.esm.splice import loss_recovered, masked_lm_loss
+from sae_engine.esm.splice import loss_recovered, mask_residues, masked_lm_loss
 from sae_engine.torch_backend import TorchSAE
 
 LETTERS = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
@@ -24,14 +25,45 @@ def loaded(tmp_path_factory):
     return load_model(str(model_dir))
 
 
-def test_identity_recovers_everything_and_zeros_nothing(loaded):
-    seqs = _sequences(12)
-    perfect = loss_recovered(loaded, seqs, 2, lambda x: x)
-    assert perfect.loss_spliced == pytest.approx(perfect.loss_model, rel=1e-6)
-    assert perfect.fraction == pytest.approx(1.0, abs=1e-5)
-    assert perfect.loss_zero != pytest.approx(perfect.loss_model, rel=1e-3)
-    ablated = loss_recovered(loaded, seqs, 2, torch.zeros_like)
-    assert ablated.fraction == pytest.approx(0.0, abs=1e-6)
+def _reference_losses(loaded, sequences: list[str], layer: int, seed: int) -> tuple[float, float]:
+    """Masked-LM loss of the model and with block ``layer``'s output zeroed at residues, computed
+    here with fair-esm's own batch converter, modules and forward (no hook, no engine tokenizer).
+    -> (loss of the model, loss with zeros)."""
+    model, alphabet = loaded.model, loaded.alphabet
+    _, _, tokens = alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
+    lengths = torch.tensor([len(s) for s in sequences])
+    masked, chosen = mask_residues(tokens, lengths, alphabet.mask_idx, 0.15, seed)
+    positions = torch.arange(tokens.shape[1])
+    residue = (positions >= 1) & (positions[None, :] <= lengths[:, None])
+    with torch.no_grad():
+        logits_model = model(masked)["logits"]
+        # ESM2.forward written out with fair-esm's own modules, zeroing block ``layer``'s output.
+        padding = masked.eq(model.padding_idx)
+        x = model.embed_scale * model.embed_tokens(masked)
+        if model.token_dropout:
+            is_mask = masked.eq(model.mask_idx)
+            ratio = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0) * (1 - 0.15 * 0.8) / (1 - ratio)[:, None, None]
+        x = (x * (~padding).unsqueeze(-1).to(x)).transpose(0, 1)
+        for index, block in enumerate(model.layers):
+            x, _ = block(x, self_attn_padding_mask=padding)
+            if index + 1 == layer:
+                x = x.masked_fill(residue.T.unsqueeze(-1), 0.0)
+        logits_zero = model.lm_head(model.emb_layer_norm_after(x).transpose(0, 1))
+    loss = lambda logits: F.cross_entropy(logits[chosen], tokens[chosen]).item()  # noqa: E731
+    return loss(logits_model), loss(logits_zero)
+
+
+def test_model_and_zero_ablation_losses_equal_fair_esms_own(loaded):
+    seqs = _sequences(8)  # one batch of masked_lm_loss: its masks use seed + 0
+    want_model, want_zero = _reference_losses(loaded, seqs, 2, seed=5)
+    perfect = loss_recovered(loaded, seqs, 2, lambda x: x, seed=5)
+    assert perfect.loss_model == pytest.approx(want_model, rel=1e-5)
+    assert perfect.loss_spliced == pytest.approx(want_model, rel=1e-5) and perfect.fraction == pytest.approx(1.0, abs=1e-4)
+    assert perfect.loss_zero == pytest.approx(want_zero, rel=1e-5)
+    assert abs(want_zero - want_model) > 0.05  # the ablation changes the loss: the check has teeth
+    ablated = loss_recovered(loaded, seqs, 2, torch.zeros_like, seed=5)
+    assert ablated.loss_spliced == pytest.approx(want_zero, rel=1e-5) and ablated.fraction == pytest.approx(0.0, abs=1e-4)
 
 
 def test_closer_reconstructions_stay_closer_to_the_models_loss(loaded):

@@ -23,8 +23,8 @@ def trained(tmp_path_factory):
     fasta = tmp / "proteins.fasta"
     fasta.write_text("".join(f">Q{i:03d}\n{''.join(g.choice(letters, n))}\n" for i, n in enumerate(lengths)))
     config = load_config(None, [
-        "model.d_in=32", "model.n_latents=64", "model.k=4", "data.source='esm'", f"data.store='{tmp / 'store'}'",
-        "data.layer=1", f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=64",
+        "model.d_in=32", "model.n_latents=64", "model.k=4", "data.source='esm'", f"data.esm.store='{tmp / 'store'}'",
+        "data.esm.layer=1", f"data.esm.fasta='{fasta}'", f"data.esm.model='{model_dir}'", "data.eval_tokens=64",
         "data.buffer_size=512", "train.batch_size=64", "train.progress=false", "train.precision='fp32'",
         f"train.out_dir='{tmp / 'run'}'",
     ])
@@ -96,3 +96,44 @@ def test_protein_level_stores_give_each_protein_its_own_code(tmp_path):
 def test_a_missing_store_is_named(tmp_path):
     with pytest.raises(ValueError, match="not an activation store"):
         protein_activations(tmp_path, 1, neuron_code, 32)
+
+
+def test_dense_pooling_equals_brute_force_and_mean_vectors_equal_a_mean_pooled_store(trained):
+    from sae_engine.features import mean_vectors, pooled_dense, signed_neurons, topk_code
+
+    store = trained / "store"
+
+    def signed_code(x):
+        y = signed_neurons(x)
+        return y, torch.arange(y.shape[1]).expand(y.shape[0], -1)
+
+    dense = pooled_dense(store, 1, signed_neurons, 64, batch_rows=100)
+    want_max, want_frac = _brute_force(store, signed_code, 64)
+    assert dense.max.shape == (30, 64)
+    for row, protein in enumerate(dense.ids):
+        np.testing.assert_allclose(dense.max[row].toarray()[0], want_max[protein], rtol=1e-6)
+        np.testing.assert_allclose(dense.frac[row].toarray()[0], want_frac[protein], rtol=1e-6)
+    # Sparsified to k per vector: only the k largest signed activations of each residue remain.
+    top2 = protein_activations(store, 1, topk_code(signed_neurons, 2), 64)
+    want_max, _ = _brute_force(store, topk_code(signed_neurons, 2), 64)
+    for row, protein in enumerate(top2.ids):
+        np.testing.assert_allclose(top2.max[row].toarray()[0], want_max[protein], rtol=1e-6)
+    assert (top2.frac.toarray() <= dense.frac.toarray() + 1e-6).all() and top2.max.nnz < dense.max.nnz
+
+    ids, means = mean_vectors(store, 1, batch_rows=100)
+    s = ActivationStore(store)
+    arrays = {sh["name"]: np.load(p) for sh, p in zip(s.manifest["shards"], s.shard_paths(1))}
+    for row, protein in enumerate(ids):
+        parts = [arrays[w["shard"]][w["offset"] : w["offset"] + w["rows"]] for w in s.index() if w["id"] == protein]
+        np.testing.assert_allclose(means[row], np.concatenate(parts).mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", ["other_npz", "not_npz"])
+def test_loading_another_file_names_it(tmp_path, content):
+    path = tmp_path / "acts.npz"
+    if content == "other_npz":
+        np.savez(path, weights=np.ones(3))
+    else:
+        path.write_text("ids\tvalues\n")
+    with pytest.raises(ValueError, match=f"{path}: .*ProteinActivations"):
+        ProteinActivations.load(path)

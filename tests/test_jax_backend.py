@@ -27,7 +27,7 @@ def test_a_run_started_in_torch_resumes_in_jax(tmp_path):
     """20 steps in torch, 30 more in JAX from its checkpoint: the same parameters, Adam moments,
     latent statistics and data position as 50 uninterrupted torch steps (fp32; the tolerance
     of the step-by-step parity test in test_backend_conformance.py)."""
-    common = BASE + ["data.synthetic_tokens=3200", "data.buffer_size=512", "data.eval_tokens=128",
+    common = BASE + ["data.synthetic.tokens=3200", "data.buffer_size=512", "data.eval_tokens=128",
                      "train.batch_size=64", "train.checkpoint_every=10", "train.progress=false"]
     resumed, whole = tmp_path / "resumed", tmp_path / "whole"
     first = train(load_config(None, common + ["train.max_tokens=1280", f"train.out_dir='{resumed}'"]))

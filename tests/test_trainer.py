@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 
 from sae_engine.checkpoint import latest_checkpoint
 from sae_engine.cli import main as cli_main
-from sae_engine.config import ConfigError, load_config
+from sae_engine.config import ConfigError, RunConfig, load_config
 from sae_engine.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parent.parent
 
 SMALL = [
     "model.d_in=16", "model.n_latents=96", "model.k=4", "model.dead_tokens=512",
-    "data.synthetic_tokens=6400", "data.buffer_size=512", "data.eval_tokens=256",
+    "data.synthetic.tokens=6400", "data.buffer_size=512", "data.eval_tokens=256",
     "train.batch_size=64", "train.log_every=10", "train.eval_every=50", "train.checkpoint_every=25",
     "train.warmup_steps=5", "train.progress=false", "train.precision='fp32'", "train.lr=1e-3",
 ]
@@ -64,7 +64,7 @@ def test_training_run_logs_evaluates_checkpoints_and_plots(tmp_path):
     ],
 )
 def test_model_variants_train(tmp_path, extra):
-    result = train(_config(tmp_path, *extra, "data.synthetic_tokens=3200"))
+    result = train(_config(tmp_path, *extra, "data.synthetic.tokens=3200"))
     assert result.step == 50 and result.final["fvu"] < 1.0
 
 
@@ -76,7 +76,7 @@ def test_transcoder_with_skip_connection_trains_from_shards(tmp_path):
     np.save(tmp_path / "y.npy", y)
     config = _config(
         tmp_path, "model.d_in=12", "model.d_out=10", "model.skip_connection=true", "data.source='shards'",
-        f"data.paths=['{tmp_path / 'x.npy'}']", f"data.target_paths=['{tmp_path / 'y.npy'}']", "train.lr=1e-2",
+        f"data.shards.paths=['{tmp_path / 'x.npy'}']", f"data.shards.target_paths=['{tmp_path / 'y.npy'}']", "train.lr=1e-2",
     )
     result = train(config)
     assert result.step == (3000 - 256) // 64
@@ -101,7 +101,7 @@ def _wait_for_checkpoint(run: Path, process: subprocess.Popen, timeout: float = 
         time.sleep(0.02)
 
 
-LONG = ["data.synthetic_tokens=19200", "train.checkpoint_every=7", "model.n_latents=256"]
+LONG = ["data.synthetic.tokens=19200", "train.checkpoint_every=7", "model.n_latents=256"]
 
 
 def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
@@ -144,7 +144,7 @@ def test_nan_activations_stop_with_a_clear_message_and_keep_the_last_checkpoint(
     data = np.random.default_rng(1).standard_normal((4000, 16)).astype(np.float32)
     data[3500] = np.nan
     np.save(tmp_path / "acts.npy", data)
-    config = _config(tmp_path, "data.source='shards'", f"data.paths=['{tmp_path / 'acts.npy'}']",
+    config = _config(tmp_path, "data.source='shards'", f"data.shards.paths=['{tmp_path / 'acts.npy'}']",
                      "train.checkpoint_every=5", "data.buffer_size=256")
     with pytest.raises(TrainingError, match=r"step \d+: the activation batch holds 16 NaN/Inf values"):
         train(config)
@@ -158,10 +158,17 @@ def test_nan_activations_stop_with_a_clear_message_and_keep_the_last_checkpoint(
     [
         (["model.k=200"], "model.k = 200: must not exceed model.n_latents = 96"),
         (["model.kind='relu'"], "model.kind = 'relu': must be one of"),
-        (["data.source='shards'", "data.paths=['/nonexistent/a.npy']"], "data.paths = '/nonexistent/a.npy': file not found"),
+        (["data.source='shards'", "data.shards.paths=['/nonexistent/a.npy']"], "data.shards.paths = '/nonexistent/a.npy': file not found"),
         (["train.typo=1"], r"unknown key\(s\) \['typo'\] in \[train\]"),
         (["model.skip_connection=true"], "needs a transcoder"),
         (["data.buffer_size=100"], "must hold at least two batches"),
+        (["data.layer=3"], r"data.layer is now data.esm.layer"),
+        (["data.synthetic_tokens=10"], r"data.synthetic_tokens is now data.synthetic.tokens"),
+        (["data.esm.layr=3"], r"unknown key\(s\) \['layr'\] in \[data.esm\]"),
+        (["data.nope.x=1"], r"\[data.nope\]: no activation source reads this table"),
+        (["data.source='nope'"], r"data.source = 'nope': must be one of \['esm', 'esm_live', 'shards', 'synthetic'\]"),
+        (["data.source='esm_live'"], r"data.esm.fasta = '': source = 'esm_live' needs a FASTA file"),
+        (["data.synthetic.tokens=0"], r"data.synthetic.tokens = 0: must be a positive integer"),
     ],
 )
 def test_bad_configs_get_one_clear_error(tmp_path, overrides, message):
@@ -171,7 +178,7 @@ def test_bad_configs_get_one_clear_error(tmp_path, overrides, message):
 
 def test_shards_of_the_wrong_width_are_named(tmp_path):
     np.save(tmp_path / "acts.npy", np.zeros((1000, 20), np.float32))
-    config = _config(tmp_path, "data.source='shards'", f"data.paths=['{tmp_path / 'acts.npy'}']")
+    config = _config(tmp_path, "data.source='shards'", f"data.shards.paths=['{tmp_path / 'acts.npy'}']")
     with pytest.raises(ConfigError, match="shards have d=20 but model.d_in = 16"):
         train(config)
 
@@ -211,8 +218,8 @@ def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
     """data.source = "esm": a real fair-esm ESM2 (small, random weights) feeds the trainer."""
     model_dir, fasta = _small_esm2_and_fasta(tmp_path, "P", seed=3, count=60, lengths=(30, 90))
     config = _config(
-        tmp_path, "model.d_in=32", "data.source='esm'", f"data.store='{tmp_path / 'store'}'", "data.layer=1",
-        f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=128",
+        tmp_path, "model.d_in=32", "data.source='esm'", f"data.esm.store='{tmp_path / 'store'}'", "data.esm.layer=1",
+        f"data.esm.fasta='{fasta}'", f"data.esm.model='{model_dir}'", "data.eval_tokens=128",
     )
     result = train(config)
     residues = sum(len(line) for line in fasta.read_text().splitlines() if not line.startswith(">"))
@@ -223,7 +230,8 @@ def test_training_on_esm2_activations_extracts_the_store_then_trains(tmp_path):
 
 def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
     """data.source = "esm_live": the same vectors as an extracted store, computed while training."""
-    from sae_engine.esm.extract import ActivationStore, ExtractConfig, extract_to_store
+    from sae_engine.esm.extract import ExtractConfig, extract_to_store
+    from sae_engine.esm.store import ActivationStore
     from sae_engine.esm.live import LiveSource
     from sae_engine.esm.models import load_model
 
@@ -239,8 +247,54 @@ def test_live_esm2_source_equals_the_store_and_trains(tmp_path):
     assert torch.equal(torch.cat(list(live.iter_from(777))), streamed[777:])
 
     config = _config(
-        tmp_path, "model.d_in=32", "model.d_out=32", "data.source='esm_live'", "data.layer=1",
-        "data.target_layer=2", f"data.fasta='{fasta}'", f"data.esm_model='{model_dir}'", "data.eval_tokens=128",
+        tmp_path, "model.d_in=32", "model.d_out=32", "data.source='esm_live'", "data.esm.layer=1",
+        "data.esm.target_layer=2", f"data.esm.fasta='{fasta}'", f"data.esm.model='{model_dir}'", "data.eval_tokens=128",
     )
     result = train(config)
     assert result.step == (len(stored) - 128) // 64 and np.isfinite(result.final["eval_fvu"])
+
+
+def test_trainer_takes_any_source_and_third_parties_register_theirs(tmp_path, monkeypatch):
+    """Trainer(config, source) reads whatever it is given; a registered source gets its own table."""
+    from dataclasses import dataclass
+
+    from sae_engine import registry
+    from sae_engine.sources import ArraySource
+
+    data = torch.from_numpy(np.random.default_rng(2).standard_normal((1600, 16)).astype(np.float32))
+    result = train(_config(tmp_path), ArraySource(data))
+    assert result.step == (1600 - 256) // 64
+
+    @dataclass
+    class PlantedOptions:
+        scale: float = 1.0
+
+    def check(options, config):
+        if options.scale <= 0:
+            raise ConfigError(f"data.planted.scale = {options.scale}: must be positive")
+
+    built = []
+
+    def build(options, config):
+        built.append(options.scale)
+        return ArraySource(options.scale * data)
+
+    monkeypatch.setitem(registry._registered, "planted", registry.SourceSpec("planted", PlantedOptions, build, check))
+    with pytest.raises(ConfigError, match="data.planted.scale = -1.0: must be positive"):
+        _config(tmp_path, "data.source='planted'", "data.planted.scale=-1.0")
+    config = _config(tmp_path / "planted", "data.source='planted'", "data.planted.scale=2.0")
+    assert train(config).step == (1600 - 256) // 64 and built == [2.0]
+    assert json.loads((tmp_path / "planted" / "run" / "config.json").read_text())["data"]["planted"] == {"scale": 2.0}
+    saved = json.loads((tmp_path / "planted" / "run" / "config.json").read_text())
+    assert RunConfig.from_dict(saved).to_dict() == config.to_dict()  # a saved config loads back as it was
+
+
+def test_a_source_of_the_wrong_width_or_an_empty_shard_is_refused(tmp_path):
+    from sae_engine.sources import ArraySource
+
+    with pytest.raises(ConfigError, match=r"vectors of d=12, but the model needs d=16 \(model.d_in\)"):
+        train(_config(tmp_path), ArraySource(torch.zeros(1000, 12)))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16), np.float32))
+    config = _config(tmp_path, "data.source='shards'", f"data.shards.paths=['{tmp_path / 'empty.npy'}']")
+    with pytest.raises(ValueError, match="empty.npy holds no rows"):
+        train(config)

@@ -1,9 +1,16 @@
-"""ESM2 activations from real proteins: data preparation, model loading, FASTA, extraction.
+"""ESM2 activations from real proteins, one module per job.
 
-- :mod:`.prepare`: ``sae-engine data prepare`` builds standard files from registry packages.
+- :mod:`.datadir`: the prepared data folder; :mod:`.prepare`: ``sae-engine data prepare`` builds it
+  from registry packages.
 - :mod:`.models`: load ESM2 (fair-esm names, ``.pt`` files, Hugging Face directories) offline.
 - :mod:`.fasta`: validated FASTA reading and cropping to the model's context.
-- :mod:`.extract`: batched extraction into an on-disk activation store, and ``StoreSource``.
+- :mod:`.batching`: length-planned batches and tokens; :mod:`.forward`: the fast forward pass.
+- :mod:`.store`: the on-disk activation store and ``StoreSource``; :mod:`.extract`: extraction
+  into memory or a store, resumable.
+- :mod:`.live`: ESM2 run inside the ring buffer's producer; :mod:`.splice`: masked-LM loss with
+  an SAE spliced in.
+- :mod:`.sources`: the ``esm`` and ``esm_live`` training sources (``[data.esm]``), registered
+  with :mod:`sae_engine.registry`; :mod:`.commands`: the ``sae-engine`` subcommands.
 
-Needs the ``esm`` extra (fair-esm); importing this package alone does not import torch or esm.
+Needs the ``esm`` extra (fair-esm) to load models; importing this package alone imports nothing.
 """

@@ -10,8 +10,8 @@ Rules applied to every record (one rule per case, so a user can predict the outc
   ``B`` (D/N), ``Z`` (E/Q), ``U`` (selenocysteine) and ``O`` (pyrrolysine); ESM has a token for
   each, so they pass through unchanged.
 - Anything else (digits, gap characters ``-``/``.``, ``*`` inside a sequence, ``J``...), an empty
-  record, text before the first header, or an id seen twice raises :class:`FastaError`, naming
-  the file, line and record.
+  record, text before the first header, an id seen twice, or a file with no record at all raises
+  :class:`FastaError`, naming the file, line and record.
 
 Proteins longer than the model's limit (1022 residues for ESM2, 1024 tokens with BOS/EOS) are
 never cut silently: :func:`crop` splits them into overlapping windows (default) or truncates
@@ -108,8 +108,9 @@ def read_fasta(path: str | Path) -> Iterator[Record]:
                     f" (allowed: {''.join(sorted(ESM_RESIDUES))}; lowercase is accepted)"
                 )
             parts.append(residues)
-    if header is not None:
-        yield finish()
+    if header is None:
+        raise FastaError(f"{path}: no records (the file is empty or holds no '>' header)")
+    yield finish()
 
 
 def load_fasta(path: str | Path) -> list[Record]:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .extract import FastESM2, Tokenizer, plan_batches, vectors
+from .batching import Tokenizer, plan_batches
 from .fasta import crop, read_fasta
-from .models import LoadedModel
+from .forward import FastESM2, vectors
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 class LiveSource:
@@ -34,9 +38,7 @@ class LiveSource:
         bf16: bool = False,
         seed: int = 0,
     ) -> None:
-        self.windows = crop(read_fasta(fasta))
-        if not self.windows:
-            raise ValueError(f"{fasta} holds no proteins")
+        self.windows = crop(read_fasta(fasta))  # an empty FASTA is a FastaError
         self.layers, self.pool = tuple(layers), pool
         self.runner, self.tokenizer = FastESM2(loaded.model, bf16=bf16), Tokenizer(loaded.alphabet)
         self.batches = plan_batches([len(w.sequence) for w in self.windows], max_tokens, seed)

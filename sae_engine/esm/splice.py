@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .extract import Tokenizer
-from .models import LoadedModel
+from .batching import Tokenizer
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 Replace = Callable[[torch.Tensor], torch.Tensor]  # residue vectors [r, E] -> [r, E]
 
@@ -34,8 +37,12 @@ class LossRecovered:
         return (self.loss_zero - self.loss_spliced) / (self.loss_zero - self.loss_model)
 
 
-def _masked_tokens(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, fraction: float, seed: int):
-    """Mask ``fraction`` of each protein's residues (at least one). -> (masked tokens, bool [B, T])."""
+def mask_residues(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, fraction: float,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``fraction`` of each protein's residues (at least one), chosen by ``seed``.
+
+    tokens [B, T] (BOS, residues, EOS, padding), lengths [B] -> (masked tokens [B, T], chosen bool [B, T]).
+    """
     g = torch.Generator().manual_seed(seed)
     chosen = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, length in enumerate(lengths.tolist()):
@@ -46,7 +53,10 @@ def _masked_tokens(tokens: torch.Tensor, lengths: torch.Tensor, mask_idx: int, f
 
 def masked_lm_loss(loaded: LoadedModel, sequences: Sequence[str], layer: int, replace: Replace | None,
                    mask_fraction: float = 0.15, seed: int = 0, batch_size: int = 8) -> float:
-    """Mean cross-entropy at masked residues, with block ``layer``'s output passed through ``replace``."""
+    """Mean cross-entropy at masked residues, with block ``layer``'s output passed through ``replace``.
+
+    Batches of ``batch_size`` sequences; batch ``i`` masks with seed ``seed + i * batch_size``.
+    """
     model, alphabet = loaded.model.eval(), loaded.alphabet
     if not loaded.info.has_lm_head:
         raise ValueError(f"{loaded.info.description}: these weights have no masked-LM head, so there is no "
@@ -63,7 +73,7 @@ def masked_lm_loss(loaded: LoadedModel, sequences: Sequence[str], layer: int, re
             lengths = torch.tensor([len(s) for s in chunk])
             positions = torch.arange(tokens.shape[1])
             residue = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]
-            masked, chosen = _masked_tokens(tokens, lengths, alphabet.mask_idx, mask_fraction, seed + lo)
+            masked, chosen = mask_residues(tokens, lengths, alphabet.mask_idx, mask_fraction, seed + lo)
             if replace is not None:
 
                 def splice(module, inputs, output, residue=residue):
@@ -97,37 +107,3 @@ def loss_recovered(loaded: LoadedModel, sequences: Sequence[str], layer: int, re
         loss_spliced=masked_lm_loss(loaded, sequences, layer, reconstruct, **args),
         loss_zero=masked_lm_loss(loaded, sequences, layer, torch.zeros_like, **args),
     )
-
-
-def _command(args) -> int:
-    import itertools
-    import sys
-
-    from ..features import load_sae_backend
-    from .fasta import crop, read_fasta
-    from .models import load_model
-
-    try:
-        loaded = load_model(args.model)
-        sae = load_sae_backend(args.run_dir)
-        windows = crop(itertools.islice(read_fasta(args.fasta), args.max_proteins))
-        result = loss_recovered(loaded, [w.sequence for w in windows], args.layer, sae.reconstruct, seed=args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"sae-engine splice: error: {error}", file=sys.stderr)
-        return 2
-    print(f"{loaded.info.description}\nlayer {args.layer}: masked-LM loss {result.loss_model:.4f} (model), "
-          f"{result.loss_spliced:.4f} (SAE spliced in), {result.loss_zero:.4f} (zero ablation); "
-          f"loss recovered {100 * result.fraction:.1f}%")
-    return 0
-
-
-def register(commands) -> None:
-    """Add ``sae-engine splice``."""
-    parser = commands.add_parser("splice", help="masked-LM loss recovered with an SAE spliced into ESM2")
-    parser.add_argument("--run", dest="run_dir", required=True, help="training run folder of an SAE on this layer")
-    parser.add_argument("--fasta", required=True, help="proteins to evaluate on")
-    parser.add_argument("--layer", type=int, required=True, help="the SAE's layer (intermediate layers only)")
-    parser.add_argument("--model", default="default", help="ESM2 spec with an LM head (official weights)")
-    parser.add_argument("--max-proteins", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=_command)

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import betaln, gammaln
 
+from ..atomic import atomic_path
 from .annotations import AnnotationError, CountedWarnings, annotation_matrix, read_annotations
 from .ontology import NAMESPACES, Ontology, OntologyError, load_ontology
 
@@ -393,8 +394,7 @@ def write_table(path: str | Path, result: Enrichment, features: list[str], ontol
     rows = np.flatnonzero(result.log_q <= math.log(max_q)) if max_q < 1.0 else np.arange(len(result))
     p, q, log10_p = result.p_value, result.q_value, result.log10_p
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as out:
         out.write("\t".join(COLUMNS) + "\n")
         for i in rows.tolist():
             t = int(result.term[i])
@@ -402,7 +402,6 @@ def write_table(path: str | Path, result: Enrichment, features: list[str], ontol
                       f"{NAMESPACES[ontology.namespace[t]]}\t{result.study_count[i]}\t{result.study_size[i]}\t"
                       f"{result.pop_count[i]}\t{result.pop_size[i]}\t{result.fold_enrichment[i]:.6g}\t"
                       f"{p[i]:.6g}\t{q[i]:.6g}\t{log10_p[i]:.6f}\t{int(result.most_specific[i])}\n")
-    tmp.replace(path)
     return int(rows.size)
 
 

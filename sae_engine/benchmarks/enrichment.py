@@ -1,7 +1,7 @@
 """GO enrichment of every SAE feature at once, timed against goatools' per-feature loop.
 
-    python -m bench.enrich_bench [--proteins 16000] [--features 20000] [--go GO.sqlite|go.obo]
-                                 [--goatools-features 20] [--min-overlap 2]
+    sae-engine bench enrich [--proteins 16000] [--features 20000] [--go GO.sqlite|go.obo]
+                            [--goatools-features 20] [--min-overlap 2] [--json]
 
 Inputs are synthetic but shaped like the real thing:
 
@@ -14,7 +14,8 @@ Inputs are synthetic but shaped like the real thing:
   ``[P, F]`` activation matrix through :func:`study_sets`.
 
 goatools (when installed) runs ``GOEnrichmentStudy.run_study`` on the first features; its
-per-feature time is scaled to all features for the ratio.
+per-feature time is scaled to all features for the ratio. Both sides run on one core (numpy and
+scipy.sparse here, pure Python there), so CPU seconds compare them.
 """
 from __future__ import annotations
 
@@ -22,17 +23,20 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from sae_engine.go.annotations import annotation_matrix
-from sae_engine.go.enrich import DEFAULT_MIN_OVERLAP, Enrichment, enrich_features, study_sets
-from sae_engine.go.ontology import Ontology, load_ontology
+from ..go.annotations import annotation_matrix
+from ..go.enrich import DEFAULT_MIN_OVERLAP, Enrichment, enrich_features, study_sets
+from ..go.ontology import Ontology, load_ontology
+from .harness import machine_info, machine_line, print_json
 
 
 def synthetic_ontology(n_terms: int, rng: np.random.Generator) -> Ontology:
@@ -49,9 +53,11 @@ def synthetic_ontology(n_terms: int, rng: np.random.Generator) -> Ontology:
             lo, hi = bounds[level], bounds[level + 1]
             if hi <= lo:
                 continue
-            above = bounds[level - 1], bounds[level]
+            # Parents from the level above, or from any higher level when that one is empty
+            # (small DAGs): always an earlier index, so the graph stays acyclic.
+            above = bounds[level - 1] if bounds[level - 1] < lo else 0
             child.append(members[lo:hi])
-            parent.append(members[rng.integers(above[0], max(above[1], above[0] + 1), hi - lo)])
+            parent.append(members[rng.integers(above, lo, hi - lo)])
             extra = np.flatnonzero(rng.random(hi - lo) < 0.4)
             child.append(members[lo:hi][extra])
             parent.append(members[rng.integers(0, bounds[level], extra.size)])
@@ -70,10 +76,11 @@ class Inputs:
     activations: sp.csc_matrix  # [P, F]
 
 
-def make_inputs(n_proteins: int, n_features: int, go: str | None, seed: int = 0) -> Inputs:
-    """Synthetic annotations and activations over a real or synthetic GO (see the module doc)."""
+def make_inputs(n_proteins: int, n_features: int, go: str | None, seed: int = 0, n_terms: int = 30_000) -> Inputs:
+    """Synthetic annotations and activations over a real or synthetic GO (``n_terms`` terms; see
+    the module doc)."""
     rng = np.random.default_rng(seed)
-    ontology = load_ontology(go) if go else synthetic_ontology(30_000, rng)
+    ontology = load_ontology(go) if go else synthetic_ontology(n_terms, rng)
     n_terms = len(ontology)
     popularity = 1.0 / np.arange(1, n_terms + 1) ** 0.8
     popularity = rng.permutation(popularity / popularity.sum())
@@ -153,38 +160,60 @@ def run_goatools(inp: Inputs, n_features: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="sae-engine bench enrich", description=__doc__.splitlines()[0])
     parser.add_argument("--proteins", type=int, default=16_000)
     parser.add_argument("--features", type=int, default=20_000)
     parser.add_argument("--go", default=os.environ.get("SAE_ENGINE_GO_SQLITE"),
                         help="GO.sqlite or .obo (default $SAE_ENGINE_GO_SQLITE; synthetic DAG when unset)")
+    parser.add_argument("--terms", type=int, default=30_000, help="terms of the synthetic DAG (without --go)")
     parser.add_argument("--min-overlap", type=int, default=DEFAULT_MIN_OVERLAP)
     parser.add_argument("--goatools-features", type=int, default=20, help="features run through goatools (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     args = parser.parse_args(argv)
+    if args.proteins < 16 or args.features < 1 or args.terms < 100:
+        parser.error("--proteins must be at least 16, --features at least 1 and --terms at least 100")
+    if args.goatools_features > args.features:
+        parser.error(f"--goatools-features {args.goatools_features} is more than --features {args.features}")
+    info = machine_info("cpu", ("scipy", "goatools"))
     t0 = time.perf_counter()
-    inp = make_inputs(args.proteins, args.features, args.go)
+    try:
+        inp = make_inputs(args.proteins, args.features, args.go, n_terms=args.terms)
+    except (OSError, ValueError) as err:
+        print(f"sae-engine bench enrich: error: {args.go}: {err}", file=sys.stderr)
+        return 2
     build = time.perf_counter() - t0
     result, times = run_ours(inp, args.min_overlap)
     wall, cpu = (sum(t[i] for t in times.values()) for i in (0, 1))
     study_sizes = np.diff(sp.csc_matrix(inp.activations).indptr)
-    print(f"GO: {args.go or 'synthetic DAG'} ({len(inp.ontology)} terms); {args.proteins} proteins, "
-          f"{len(inp.pairs)} direct annotations; {args.features} features, study sizes "
-          f"{study_sizes.min()}-{study_sizes.max()} (median {int(np.median(study_sizes))}); inputs built in {build:.1f} s")
+    per_feature = run_goatools(inp, args.goatools_features) if args.goatools_features else None
+    summary: dict[str, Any] = {
+        "suite": "enrich", "machine": info, "go": args.go or "synthetic DAG", "terms": len(inp.ontology),
+        "proteins": args.proteins, "direct_annotations": len(inp.pairs), "features": args.features,
+        "study_size_min_median_max": [int(study_sizes.min()), int(np.median(study_sizes)), int(study_sizes.max())],
+        "pairs_tested": len(result), "significant_q05": int((result.q_value <= 0.05).sum()),
+        "min_overlap": args.min_overlap, "inputs_s": build,
+        "stages": {name: {"wall_s": w, "cpu_s": c} for name, (w, c) in times.items()},
+        "total_wall_s": wall, "total_cpu_s": cpu, "cpu_ms_per_feature": 1e3 * cpu / args.features,
+        "goatools_cpu_ms_per_feature": None if per_feature is None else 1e3 * per_feature,
+        "speedup_per_feature": None if per_feature is None else per_feature * args.features / cpu,
+    }
+    if args.json:
+        print_json(summary)
+        return 0
+    print(machine_line(info))
+    print(f"GO: {summary['go']} ({summary['terms']} terms); {args.proteins} proteins, {len(inp.pairs)} direct "
+          f"annotations; {args.features} features, study sizes {study_sizes.min()}-{study_sizes.max()} "
+          f"(median {int(np.median(study_sizes))}); inputs built in {build:.1f} s")
     print(f"ours: {len(result)} pairs tested (min overlap {args.min_overlap}), "
-          f"{int((result.q_value <= 0.05).sum())} with q <= 0.05")
+          f"{summary['significant_q05']} with q <= 0.05")
     for name, (w, c) in [*times.items(), ("total", (wall, cpu))]:
         print(f"  {name:<10} wall {w:7.2f} s  cpu {c:7.2f} s")
-    print(f"  per feature: {1e3 * cpu / args.features:.3f} ms cpu")
+    print(f"  per feature: {summary['cpu_ms_per_feature']:.3f} ms cpu")
     if args.goatools_features:
-        per_feature = run_goatools(inp, args.goatools_features)
         if per_feature is None:
-            print("goatools: not installed")
+            print("goatools: not installed (pip install 'sae-engine[bench]')")
         else:
             print(f"goatools: {1e3 * per_feature:.1f} ms cpu/feature over {args.goatools_features} features "
                   f"(about {per_feature * args.features:.0f} s for all {args.features}); "
-                  f"ours is {per_feature * args.features / cpu:.0f}x faster per feature")
+                  f"ours is {summary['speedup_per_feature']:.0f}x faster per feature")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

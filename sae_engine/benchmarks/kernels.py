@@ -1,4 +1,4 @@
-"""Measurement library for the sae_kernels benchmarks: inputs, cases, timing, peak memory.
+"""Kernel benchmarks: ``sae-engine bench kernels [--device cpu|cuda] [--shape small|target|B,d,n,k] [--json]``.
 
 Three groups of cases, each timed in the same run as its baselines:
 
@@ -9,32 +9,34 @@ Three groups of cases, each timed in the same run as its baselines:
 * ``backward``: one SAE forward+backward (encode ``x - b_dec``, decode, ``+ b_dec``, FVU loss
   as sparsify trains) against the same model in dense PyTorch and sparsify's ``SparseCoder``.
 
-Every case is built by a function ``inputs -> (zero-argument callable)``; the callable's
-return value is what correctness checks compare. Timing repeats the cases interleaved
-(round-robin) and keeps medians, so background load hits every case alike.
+Every shape runs in each dtype of ``--dtypes`` (fp32 and bf16 by default), so every contender
+is measured in each of its settings; the summary compares each at its faster one on this
+machine, and says what ``precision = "auto"`` picks here. The table prints, per case, the
+median time, the ratio to the group's baseline (encoder: the bare GEMM; decoder:
+``F.embedding_bag``; backward: dense PyTorch), the speedup over plain PyTorch, peak memory, and
+for the decoder the bandwidth against a copy measured in the same run; then PASS/FAIL lines
+for the acceptance targets.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before
-the call. On CPU, each case lives in its own spawned worker process (so one case's freed
-memory cannot hide another's peak); after one warm-up call, the peak resident set growth of
-a second call is read from the kernel's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``; ``ru_maxrss`` where that is unavailable).
+Cases are timed interleaved (round-robin) and medians kept, so background load hits every case
+alike. Peak memory: on the CPU each case lives in its own worker process (one case's freed
+memory cannot hide another's peak), on CUDA the allocator's peak above the level before the call.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
-import resource
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from sae_engine.workers import SpawnedWorker, Unavailable
+from .harness import (MIB, Unavailable, fmt, machine_info, machine_line, open_contender, peak_of_call,
+                      print_json, timed)
 
 GROUPS = ("encoder", "decoder", "backward")
 BASELINE = {"encoder": "gemm", "decoder": "embedding_bag", "backward": "torch"}
@@ -44,6 +46,9 @@ CASES = {
     "decoder": ("embedding_bag", "sae_kernels", "sparsify"),
     "backward": ("torch", "sae_kernels", "sparsify"),
 }
+OURS = "sae_kernels"
+DTYPES = ("float32", "bfloat16")
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,35 @@ class Shape:
         return getattr(torch, self.dtype)
 
     @property
+    def size(self) -> str:
+        return f"B={self.B} d={self.d} n={self.n} k={self.k}"
+
+    @property
     def label(self) -> str:
-        return f"B={self.B} d={self.d} n={self.n} k={self.k} {self.dtype}"
+        return f"{self.size} {self.dtype}"
 
 
-# Named shape sets per device. CPU "target" is the acceptance case of the chunked path;
-# CUDA "target" is the wide-SAE case the fused Triton kernels are built for.
-SHAPES: dict[tuple[str, str], tuple[Shape, ...]] = {
-    ("cpu", "small"): (Shape(1024, 320, 16384, 32, "float32"), Shape(1024, 320, 16384, 32, "bfloat16")),
-    ("cpu", "target"): (Shape(8192, 320, 131072, 32, "float32"), Shape(8192, 320, 131072, 32, "bfloat16")),
-    ("cuda", "small"): (Shape(4096, 1280, 16384, 32, "bfloat16"),),
-    ("cuda", "target"): (Shape(4096, 1280, 131072, 32, "bfloat16"), Shape(4096, 1280, 1048576, 32, "bfloat16")),
+# Named sizes (B, d, n, k) per device. CPU "target" is the acceptance case of the chunked path;
+# CUDA "target" the wide SAEs the fused Triton kernels are built for.
+SIZES: dict[tuple[str, str], tuple[tuple[int, int, int, int], ...]] = {
+    ("cpu", "small"): ((1024, 320, 16384, 32),),
+    ("cpu", "target"): ((8192, 320, 131072, 32),),
+    ("cuda", "small"): ((4096, 1280, 16384, 32),),
+    ("cuda", "target"): ((4096, 1280, 131072, 32), (4096, 1280, 1048576, 32)),
 }
+
+
+def shapes(device: str, shape: str, dtypes: tuple[str, ...] = DTYPES) -> list[Shape]:
+    """The shapes of a named size set (``small``, ``target``) or of one ``B,d,n,k``, in each dtype."""
+    if (device, shape) in SIZES:
+        sizes = SIZES[device, shape]
+    else:
+        try:
+            B, d, n, k = (int(part) for part in shape.split(","))
+        except ValueError:
+            raise ValueError(f"--shape {shape!r}: expected small, target or B,d,n,k (four integers)") from None
+        sizes = ((B, d, n, k),)
+    return [Shape(*size, dtype) for size in sizes for dtype in dtypes]
 
 
 @dataclass
@@ -312,94 +334,7 @@ def build_case(group: str, name: str, inp: Inputs) -> Callable[[], Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing and memory.
-# ---------------------------------------------------------------------------------------------
-
-
-def time_call(fn: Callable[[], Any], device: str) -> float:
-    """Wall seconds of one call; on CUDA between events, after all queued work."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(stop) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _status_kib(field_name: str) -> int | None:
-    """A ``kB`` field of /proc/self/status, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _status_kib("VmHWM")
-    return 1024 * (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc), so the RSS before a call is live data only."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure_peak(fn: Callable[[], Any], device: str) -> tuple[int, int]:
-    """Run ``fn`` twice (warm-up, then measured); return (peak bytes above the level before the
-    measured call, absolute peak bytes during it).
-
-    The warm-up keeps one-time costs (lazy imports, BLAS workspaces) out of the number.
-    CUDA: allocator statistics. CPU: process resident set (call it in a fresh process).
-    """
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return peak - before, peak
-    _release_free_heap()
-    _reset_peak_rss()
-    before = _rss_bytes()
-    fn()
-    peak = _peak_rss_bytes()
-    return max(0, peak - before), peak
-
-
-# ---------------------------------------------------------------------------------------------
-# Runners: one case each, in this process (CUDA, pytest) or in a worker process (CPU).
+# Measuring a group: every case in its own contender, timed interleaved.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -410,66 +345,24 @@ class Row:
     group: str
     case: str
     shape: str
+    dtype: str
     device: str
     time_s: float | None = None
     times_s: list[float] = field(default_factory=list)
     ratio: float | None = None  # time / the group's baseline time
     speedup_vs_torch: float | None = None  # plain-torch time / time
     peak_growth_bytes: int | None = None
-    peak_rss_bytes: int | None = None
+    peak_bytes: int | None = None
     gbps: float | None = None  # decoder only: bytes moved / time
     bandwidth_fraction: float | None = None  # decoder only: gbps / measured copy bandwidth
     note: str = ""
 
 
-class InProcessCase:
-    """A case built and run in the calling process."""
-
-    def __init__(self, group: str, name: str, inp: Inputs, device: str):
-        self.device = device
-        self.fn = build_case(group, name, inp)
-        self.peak = measure_peak(self.fn, device)
-
-    def run(self) -> float:
-        return time_call(self.fn, self.device)
-
-    def close(self) -> None:
-        self.fn = None
-
-
-def _worker(conn: Any, group: str, name: str, shape: Shape, device: str, threads: int) -> None:
-    """Worker process loop: build, warm up while measuring memory, then time on request."""
-    torch.set_num_threads(threads)
-    try:
-        fn = build_case(group, name, make_inputs(shape, device))
-        conn.send(("ready", measure_peak(fn, device)))
-    except Unavailable as err:
-        conn.send(("skip", str(err)))
-        return
-    except Exception as err:  # report, so the parent records the case instead of hanging
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-        return
-    try:
-        while conn.recv() == "run":
-            conn.send(time_call(fn, device))
-    except EOFError:  # the parent went away
-        return
-
-
-class WorkerCase(SpawnedWorker):
-    """A case in its own spawned process, so its peak RSS is its own."""
-
-    def __init__(self, group: str, name: str, shape: Shape, device: str):
-        super().__init__(_worker, (group, name, shape, device, torch.get_num_threads()))
-        self.peak = self.ready
-
-    def run(self) -> float:
-        return self.request("run")
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder bandwidth.
-# ---------------------------------------------------------------------------------------------
+def _setup_case(group: str, name: str, shape: Shape, device: str, inp: Inputs | None = None) -> tuple[Any, Callable[[], float]]:
+    """A contender (see :mod:`.harness`): ready = (peak growth, peak) bytes; run -> seconds of one call."""
+    fn = build_case(group, name, inp or make_inputs(shape, device))
+    peak = peak_of_call(fn, device)
+    return peak, lambda: timed(fn, device)[0]
 
 
 def decoder_bytes(shape: Shape) -> int:
@@ -484,57 +377,42 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 5) -> floa
     """Measured device-memory copy bandwidth in bytes/s (read + write), best of ``repeats``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    best = min(time_call(lambda: dst.copy_(src), device) for _ in range(repeats))
+    best = min(timed(lambda: dst.copy_(src), device)[0] for _ in range(repeats))
     return 2 * nbytes / best
 
 
-# ---------------------------------------------------------------------------------------------
-# A group: build every case, time them interleaved, fill in ratios.
-# ---------------------------------------------------------------------------------------------
+def run_group(group: str, shape: Shape, device: str, *, repeats: int = 3, isolate: bool | None = None,
+              cases: tuple[str, ...] | None = None, copy_bw: float | None = None) -> list[Row]:
+    """Measure every case of ``group`` at ``shape``; one Row per case.
 
-
-def _open_case(group: str, name: str, shape: Shape, device: str, inp: Inputs | None) -> Any:
-    return WorkerCase(group, name, shape, device) if inp is None else InProcessCase(group, name, inp, device)
-
-
-def run_group(
-    group: str,
-    shape: Shape,
-    device: str,
-    *,
-    repeats: int = 3,
-    isolate: bool | None = None,
-    cases: tuple[str, ...] | None = None,
-    copy_bw: float | None = None,
-) -> list[Row]:
-    """Measure every case of ``group`` at ``shape``; returns one Row per case.
-
-    isolate: one worker process per case (default on CPU, where peak RSS needs it).
+    isolate: one worker process per case (default on the CPU, where peak RSS needs it).
     copy_bw: copy bandwidth in bytes/s for the decoder's bandwidth fraction.
     """
     isolate = device == "cpu" if isolate is None else isolate
     inp = None if isolate else make_inputs(shape, device)
     rows, opened = {}, {}
     for name in cases or CASES[group]:
-        row = rows[name] = Row(group, name, shape.label, device)
+        row = rows[name] = Row(group, name, shape.size, shape.dtype, device)
         if name == "sparsify":
             row.note = sparsify_note(device)
+        args = (group, name, shape, device) if isolate else (group, name, shape, device, inp)
         try:
-            opened[name] = _open_case(group, name, shape, device, inp)
+            opened[name] = open_contender(_setup_case, *args, isolate=isolate)
         except Unavailable as err:
             row.note = f"skipped: {err}"
-        except (RuntimeError, torch.OutOfMemoryError) as err:
-            row.note = f"failed: {err}"
+        except RuntimeError as err:  # includes CUDA out of memory
+            row.note = f"failed: {str(err).splitlines()[0]}"
         else:
-            row.peak_growth_bytes, row.peak_rss_bytes = opened[name].peak
+            row.peak_growth_bytes, row.peak_bytes = opened[name].ready
     try:
         for _ in range(repeats):
             for name, case in list(opened.items()):
                 try:
                     rows[name].times_s.append(case.run())
                 except RuntimeError as err:
-                    rows[name].note = f"failed: {err}"
+                    rows[name].note = f"failed: {str(err).splitlines()[0]}"
                     rows[name].times_s.clear()
+                    case.close()
                     del opened[name]
     finally:
         for case in opened.values():
@@ -562,62 +440,49 @@ def _fill_ratios(group: str, shape: Shape, rows: list[Row], copy_bw: float | Non
                 row.bandwidth_fraction = row.gbps * 1e9 / copy_bw
 
 
-def run_all(
-    device: str, shape_set: str, *, groups: tuple[str, ...] = GROUPS, repeats: int = 3
-) -> tuple[list[Row], dict[str, Any]]:
-    """Every group at every shape of ``SHAPES[device, shape_set]``; returns (rows, machine info)."""
-    info = machine_info(device)
-    copy_bw = copy_bandwidth(device) if "decoder" in groups else None
-    info["copy_bandwidth_gbps"] = None if copy_bw is None else round(copy_bw / 1e9, 1)
+def run_all(device: str, shape_list: list[Shape], *, groups: tuple[str, ...] = GROUPS, repeats: int = 3,
+            isolate: bool | None = None, peers: bool = True) -> list[Row]:
+    """Every group at every shape (``peers=False``: without sparsify's cases)."""
+    copy_bw = copy_bandwidth(device, nbytes=min(1 << 30, 64 * max(decoder_bytes(s) for s in shape_list))) \
+        if "decoder" in groups else None
     rows: list[Row] = []
-    for shape in SHAPES[device, shape_set]:
+    for shape in shape_list:
         for group in groups:
-            rows += run_group(group, shape, device, repeats=repeats, copy_bw=copy_bw)
-    return rows, info
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """Versions and hardware names to print next to the numbers."""
-    import platform
-
-    info: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "cpu": _cpu_model() or platform.processor(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    try:
-        from importlib.metadata import version
-
-        info["sparsify"] = version("eai-sparsify")
-    except Exception:
-        info["sparsify"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
+            cases = tuple(c for c in CASES[group] if peers or c != "sparsify")
+            rows += run_group(group, shape, device, repeats=repeats, isolate=isolate, cases=cases, copy_bw=copy_bw)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
-# Acceptance targets.
+# Summaries: each contender at its faster dtype; what "auto" picks; acceptance targets.
 # ---------------------------------------------------------------------------------------------
+
+
+def faster_settings(rows: list[Row], auto_dtype: str) -> list[dict[str, Any]]:
+    """Per (size, group): each case's faster dtype, and ours at its faster dtype against each
+    other case at its own faster one (speedup = their time / ours). ``auto`` says how our time
+    in the dtype ``precision = "auto"`` picks here compares with our faster one (1.0 = it is
+    the faster)."""
+    out = []
+    for size, group in dict.fromkeys((r.shape, r.group) for r in rows):
+        timed_rows = [r for r in rows if r.shape == size and r.group == group and r.time_s]
+        best: dict[str, Row] = {}
+        for r in timed_rows:
+            if r.case not in best or r.time_s < best[r.case].time_s:
+                best[r.case] = r
+        if OURS not in best:
+            continue
+        ours = best[OURS]
+        at_auto = next((r for r in timed_rows if r.case == OURS and r.dtype == auto_dtype), None)
+        out.append({
+            "shape": size, "group": group,
+            "best_dtype": {case: r.dtype for case, r in best.items()},
+            "ours_vs_best_of": {case: r.time_s / ours.time_s for case, r in best.items() if case != OURS},
+            "auto_dtype": auto_dtype,
+            "auto_over_best": None if at_auto is None else at_auto.time_s / ours.time_s,
+        })
+    return out
+
 
 GIB = 1 << 30
 
@@ -626,36 +491,121 @@ def check_targets(rows: list[Row], device: str) -> list[str]:
     """One PASS/FAIL line per target that the measured rows cover.
 
     CPU: encoder time <= 1.5x the bare GEMM and peak growth < 1.5 GiB.
-    CUDA: encoder throughput >= 85% of the bare GEMM; forward+backward >= 3x faster than
-    sparsify with less peak memory.
+    CUDA: encoder throughput >= 85% of the bare GEMM; decoder >= 70 % of a measured copy
+    bandwidth; forward+backward >= 3x faster than sparsify with less peak memory.
     """
     lines = []
-    for shape in dict.fromkeys(row.shape for row in rows):
-        got = {(r.group, r.case): r for r in rows if r.shape == shape}
-        enc = got.get(("encoder", "sae_kernels"))
+    for label in dict.fromkeys(f"{r.shape} {r.dtype}" for r in rows):
+        got = {(r.group, r.case): r for r in rows if f"{r.shape} {r.dtype}" == label}
+        enc = got.get(("encoder", OURS))
         if enc is not None and enc.ratio is not None:
             if device == "cpu":
-                lines.append(_verdict(shape, "encoder time / GEMM <= 1.5", enc.ratio, enc.ratio <= 1.5))
+                lines.append(_verdict(label, "encoder time / GEMM <= 1.5", enc.ratio, enc.ratio <= 1.5))
             else:
                 throughput = 1 / enc.ratio
-                lines.append(_verdict(shape, "encoder GEMM-throughput >= 0.85", throughput, throughput >= 0.85))
+                lines.append(_verdict(label, "encoder GEMM-throughput >= 0.85", throughput, throughput >= 0.85))
         if device == "cpu" and enc is not None and enc.peak_growth_bytes is not None:
             gib = enc.peak_growth_bytes / GIB
-            lines.append(_verdict(shape, "encoder peak growth < 1.5 GiB", gib, gib < 1.5))
-        ours, theirs = got.get(("backward", "sae_kernels")), got.get(("backward", "sparsify"))
+            lines.append(_verdict(label, "encoder peak growth < 1.5 GiB", gib, gib < 1.5))
+        dec = got.get(("decoder", OURS))
+        if device == "cuda" and dec is not None and dec.bandwidth_fraction is not None:
+            lines.append(_verdict(label, "decoder copy-bandwidth fraction >= 0.70", dec.bandwidth_fraction,
+                                  dec.bandwidth_fraction >= 0.70))
+        ours, theirs = got.get(("backward", OURS)), got.get(("backward", "sparsify"))
         if device == "cuda" and ours and theirs and ours.time_s and theirs.time_s:
             speedup = theirs.time_s / ours.time_s
-            lines.append(_verdict(shape, "fwd+bwd speedup vs sparsify >= 3", speedup, speedup >= 3))
+            lines.append(_verdict(label, "fwd+bwd speedup vs sparsify >= 3", speedup, speedup >= 3))
             ours_gib = (ours.peak_growth_bytes or 0) / GIB
             theirs_bytes = math.inf if theirs.peak_growth_bytes is None else theirs.peak_growth_bytes
             less = ours.peak_growth_bytes is not None and ours.peak_growth_bytes < theirs_bytes
-            lines.append(_verdict(shape, "fwd+bwd peak memory (GiB) < sparsify's", ours_gib, less))
+            lines.append(_verdict(label, "fwd+bwd peak memory (GiB) < sparsify's", ours_gib, less))
     return lines
 
 
-def _verdict(shape: str, what: str, value: float, ok: bool) -> str:
-    return f"{'PASS' if ok else 'FAIL'}  [{shape}] {what}: {value:.3f}"
+def _verdict(label: str, what: str, value: float, ok: bool) -> str:
+    return f"{'PASS' if ok else 'FAIL'}  [{label}] {what}: {value:.3f}"
 
 
-def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
-    return [asdict(row) for row in rows]
+# ---------------------------------------------------------------------------------------------
+# Output and the command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def format_rows(rows: list[Row]) -> str:
+    """A fixed-width text table, one block per shape and dtype."""
+    header = (f"{'group':<9} {'case':<14} {'time ms':>10} {'ratio':>7} {'vs torch':>8} "
+              f"{'peak+ MiB':>10} {'peak MiB':>9} {'GB/s':>7} {'of copy':>7}  note")
+    lines = []
+    for label in dict.fromkeys(f"{r.shape} {r.dtype}" for r in rows):
+        lines += ["", f"== {label}", header]
+        for r in (r for r in rows if f"{r.shape} {r.dtype}" == label):
+            lines.append(
+                f"{r.group:<9} {r.case:<14} {fmt(r.time_s, '10.2f', 1e3):>10} {fmt(r.ratio, '7.2f'):>7} "
+                f"{fmt(r.speedup_vs_torch, '8.2f'):>8} {fmt(r.peak_growth_bytes, '10.0f', 1 / MIB):>10} "
+                f"{fmt(r.peak_bytes, '9.0f', 1 / MIB):>9} {fmt(r.gbps, '7.1f'):>7} "
+                f"{fmt(r.bandwidth_fraction, '7.0%'):>7}  {r.note}"
+            )
+    return "\n".join(lines)
+
+
+def format_faster(summary: list[dict[str, Any]]) -> str:
+    """One line per (shape, group): ours at its faster dtype against each other case at its own."""
+    lines = []
+    for entry in summary:
+        against = ", ".join(f"{case} ({entry['best_dtype'][case]}) {speedup:.2f}x"
+                            for case, speedup in entry["ours_vs_best_of"].items())
+        auto = "-" if entry["auto_over_best"] is None else f"{entry['auto_over_best']:.2f}x"
+        lines.append(f"[{entry['shape']}] {entry['group']}: {OURS} at its faster dtype ({entry['best_dtype'][OURS]}) is "
+                     f"faster than each at its own by: {against}; auto picks {entry['auto_dtype']} here, "
+                     f"time at auto / at the faster: {auto}")
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sae-engine bench kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", default="small", help="small, target, or one size B,d,n,k (e.g. 256,32,1024,8)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: float32,bfloat16")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--peers", choices=["sparsify", "none"], default="sparsify", help="peer cases to run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median kept)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every case in this process (default on CUDA; on the CPU peak memory then mixes cases)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    args.dtype_list = tuple(args.dtypes.split(","))
+    bad = [d for d in args.dtype_list if d not in DTYPES]
+    if bad:
+        parser.error(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
+    try:
+        args.shape_list = shapes(args.device, args.shape, args.dtype_list)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the table; print it (or one JSON object with --json)."""
+    args = _parse(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sae-engine bench kernels: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    info = machine_info(args.device, ("eai-sparsify",))
+    rows = run_all(args.device, args.shape_list, groups=tuple(args.groups), repeats=args.repeats,
+                   isolate=False if args.in_process else None, peers=args.peers != "none")
+    faster = faster_settings(rows, PRECISION_DTYPE[info["auto_precision"]])
+    targets = check_targets(rows, args.device)
+    if args.json:
+        print_json({"suite": "kernels", "machine": info, "rows": [asdict(r) for r in rows],
+                    "faster_settings": faster, "targets": targets})
+        return 0
+    print(machine_line(info))
+    print("ratio = time / baseline (encoder: bare GEMM into a preallocated output; decoder: embedding_bag; "
+          "backward: dense torch); vs torch = torch time / time; peak+ = peak memory above the level before the call")
+    print(format_rows(rows))
+    print("\n" + format_faster(faster))
+    if targets:
+        print("\n" + "\n".join(targets))
+    return 0

@@ -1,0 +1,171 @@
+"""The activation store: ESM2 vectors on disk as ``.npy`` shards plus a manifest, and a source over it.
+
+A store is written shard by shard (each shard's files atomically, then the manifest, which is
+the commit point), so an extraction killed at any moment resumes without missing or repeating
+a window. :class:`StoreSource` serves one layer's rows to the trainer's ring buffer.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_json
+from ..sources import ShardSource
+from .fasta import Window
+
+STORE_FORMAT = 1
+_INDEX_FIELDS = ("keys", "ids", "starts", "residues", "offsets", "rows")
+
+
+class StoreError(ValueError):
+    """A store directory is missing, incomplete or was made with different settings."""
+
+
+def _shard_file(root: Path, name: str, layer: int) -> Path:
+    return root / "shards" / f"{name}.L{layer}.npy"
+
+
+def _read_index(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    entries = []
+    for shard in manifest["shards"]:
+        table = json.loads((root / "shards" / f"{shard['name']}.index.json").read_text())
+        for row in zip(*(table[k] for k in _INDEX_FIELDS)):
+            entries.append({**dict(zip(("key", "id", "start", "residues", "offset", "rows"), row)), "shard": shard["name"]})
+    return entries
+
+
+class ActivationStore:
+    """A directory of activation shards and their manifest.
+
+    Layout: ``manifest.json`` (settings: layers, pooling, dtypes, cropping; the model's spec,
+    description and weights sha256; the input's path and content hash; the committed shards in
+    order) and, per shard, ``shards/<name>.L<layer>.npy`` ``[rows, d]`` for each layer plus
+    ``shards/<name>.index.json`` (per window: key, protein id, start residue, residues, row offset
+    in the shard, rows). Per-shard indexes keep each commit small for 500k-protein inputs. A
+    shard is committed when the manifest lists it; files of uncommitted shards are leftovers of a
+    killed run and are removed when a run resumes, so every window appears exactly once.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not path.exists():
+            raise StoreError(f"{self.root} is not an activation store (no manifest.json)")
+        self.manifest: dict[str, Any] = json.loads(path.read_text())
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["settings"]["layers"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def shard_paths(self, layer: int) -> list[Path]:
+        if layer not in self.layers:
+            raise StoreError(f"{self.root} holds layers {self.layers}, not {layer}")
+        return [_shard_file(self.root, shard["name"], layer) for shard in self.manifest["shards"]]
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every window in store order: key, id, start, residues, shard, offset, rows."""
+        return _read_index(self.root, self.manifest)
+
+    def __len__(self) -> int:
+        return sum(shard["rows"] for shard in self.manifest["shards"])
+
+
+def _fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a run to resume a store: settings, weights and input contents (not paths)."""
+    return {
+        **{f"settings.{k}": v for k, v in manifest["settings"].items()},
+        "model.weights_sha256": manifest["model"]["weights_sha256"],
+        "input.sha256": manifest["input"]["sha256"],
+    }
+
+
+class StoreWriter:
+    """Accumulates rows and commits them shard by shard (npy files, index, then manifest)."""
+
+    def __init__(self, root: Path, header: dict[str, Any]) -> None:
+        self.root = root
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        manifest_path = root / "manifest.json"
+        if manifest_path.exists():
+            self.manifest = json.loads(manifest_path.read_text())
+            mine, theirs = _fingerprint(self.manifest), _fingerprint(header)
+            if mine != theirs:
+                diff = ", ".join(sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
+                raise StoreError(f"{root} was made with different settings ({diff}); use another --out or the same options")
+        else:
+            self.manifest = {**header, "shards": [], "complete": False}
+        committed = {shard["name"] for shard in self.manifest["shards"]}
+        for leftover in (root / "shards").iterdir():
+            if leftover.name.split(".")[0].lstrip(".") not in committed:
+                leftover.unlink()
+        self.done: set[str] = {entry["key"] for entry in _read_index(root, self.manifest)}
+        self.dtype = np.dtype(header["settings"]["store_dtype"])
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts: dict[int, list[np.ndarray]] = {layer: [] for layer in self.manifest["settings"]["layers"]}
+        self.table: dict[str, list[Any]] = {k: [] for k in _INDEX_FIELDS}
+        self.rows = 0
+
+    def add(self, windows: Sequence[Window], rows: dict[int, torch.Tensor], counts: Sequence[int]) -> None:
+        for layer, values in rows.items():
+            self.parts[layer].append(values.to(torch.float32).numpy().astype(self.dtype, copy=False))
+        for window, count in zip(windows, counts):
+            for key, value in zip(self.table, (window.key, window.id, window.start, len(window.sequence), self.rows, count)):
+                self.table[key].append(value)
+            self.rows += count
+        if self.rows >= self.manifest["settings"]["shard_rows"]:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.rows:
+            return
+        name = f"{len(self.manifest['shards']):06d}"
+        for layer, parts in self.parts.items():
+            with atomic_path(_shard_file(self.root, name, layer)) as tmp, tmp.open("wb") as handle:
+                np.save(handle, np.concatenate(parts))
+        write_json(self.root / "shards" / f"{name}.index.json", self.table)
+        self.manifest["shards"].append({"name": name, "rows": self.rows, "windows": len(self.table["keys"])})
+        write_json(self.root / "manifest.json", self.manifest)  # the commit point
+        self.done.update(self.table["keys"])
+        self._reset()
+
+    def finish(self) -> None:
+        self.commit()
+        self.manifest["complete"] = True
+        write_json(self.root / "manifest.json", self.manifest)
+
+
+
+class StoreSource:
+    """An activation store's rows for one layer, as an ActivationSource (``d``, ``len``, ``iter_from``).
+
+    For a transcoder, two StoreSources of the same store (input and target layer) are aligned
+    row by row and chunk by chunk (same shards, same ``chunk_size``).
+    """
+
+    def __init__(self, store: str | Path, layer: int, chunk_size: int = 4096, require_complete: bool = True) -> None:
+        self.store = ActivationStore(store)
+        if require_complete and not self.store.complete:
+            raise StoreError(f"activation store {store} is incomplete; finish it with the same `sae-engine extract` command")
+        if not self.store.manifest["shards"]:
+            raise StoreError(f"activation store {store} holds no vectors")
+        self.layer = layer
+        self._shards = ShardSource(self.store.shard_paths(layer), chunk_size=chunk_size)
+        self.d = self._shards.d
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def iter_from(self, start: int) -> Iterator[torch.Tensor]:
+        return self._shards.iter_from(start)
+
