@@ -6,12 +6,13 @@ feed them the same batches and compare losses and every state tensor (fp32 compu
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from sae_engine.backend import EVAL_METRICS, LATENT_STATS, METRICS, SAEBackend, code_width, state_shapes
-from sae_engine.config import load_config
+from sae_engine.config import ConfigError, load_config
 from sae_engine.torch_backend import TorchSAE
 
 D_IN, D_OUT, N, B = 16, 12, 96, 64
@@ -171,3 +172,16 @@ def test_fifty_steps_agree_torch_and_jax(variant):
     (ours_values, ours_indices), (theirs_values, theirs_indices) = ours.encode(x), theirs.encode(x)
     assert torch.allclose(theirs_values, ours_values, rtol=1e-4, atol=1e-5)
     assert (theirs_indices == ours_indices).float().mean() > 0.99  # near-ties may swap places
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["model.kind='batchtopk'", "model.multi_topk=true"], "model.multi_topk = True: is defined for model.kind = 'topk'"),
+        (["model.kind='batchtopk'", "model.batchtopk_row_cap=3"], "model.batchtopk_row_cap = 3: must be an integer >= model.k = 4"),
+        (["model.k_aux=0"], "model.k_aux = 0: must be a positive integer"),
+    ],
+)
+def test_model_combinations_no_backend_defines_are_rejected_once(extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, BASE + extra)
