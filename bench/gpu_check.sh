@@ -62,10 +62,10 @@ if ! "$PY" -c "$needs" > /dev/null 2>&1; then
     part install 150 bash .ci/install bench
 fi
 if ! "$PY" -c "import sae_engine.benchmarks, sae_kernels" > /dev/null 2>&1; then
-    # Not installed: import this checkout's packages by their names (kernels/ is sae_kernels).
+    # Not installed: import this checkout's packages by their names (kernels/sae_kernels/).
     ALIAS=$(mktemp -d)
     ln -s "$ROOT/sae_engine" "$ALIAS/sae_engine"
-    ln -s "$ROOT/kernels" "$ALIAS/sae_kernels"
+    ln -s "$ROOT/kernels/sae_kernels" "$ALIAS/sae_kernels"
     export PYTHONPATH="$ALIAS${PYTHONPATH:+:$PYTHONPATH}"
     echo "== using this checkout's packages through PYTHONPATH=$PYTHONPATH"
 fi

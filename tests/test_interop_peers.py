@@ -9,11 +9,15 @@ with the ``interop`` extra (``bash .ci/install interop``); the peers are importe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # sparsify's Triton decoder needs CUDA; its own switch picks embedding_bag
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 sae_lens = pytest.importorskip("sae_lens", reason="SAELens is in the interop extra: bash .ci/install interop")
 sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is in the interop extra: bash .ci/install interop")
