@@ -4,7 +4,8 @@ Both read the ``[data.esm]`` table (:class:`EsmOptions`) and are registered with
 :mod:`sae_engine.registry` by name, so the trainer never imports this package. ``esm`` opens the
 store, extracting it first when it is missing or incomplete; ``esm_live`` runs ESM2 in the ring
 buffer's producer thread with nothing on disk. Checking the options imports no model code;
-fair-esm is needed only to build a source that runs the model.
+fair-esm is needed only to build a source that runs the model. ESM2 runs at the run's
+``train.precision``, decided for the device ESM2 runs on (the CPU).
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _build_store(options: EsmOptions, config: RunConfig) -> ActivationSource:
 
     m = config.model
     ensure_store(options.store, layers=options.layers(m.is_transcoder), fasta=_fasta_subset(options, config.train.out_dir),
-                 model=options.model, pool=options.pool, progress=config.train.progress)
+                 model=options.model, pool=options.pool, precision=config.train.precision, progress=config.train.progress)
     inputs = StoreSource(options.store, options.layer)
     if inputs.d != m.d_in:
         raise ConfigError(f"data.esm.store: layer {options.layer} vectors have d={inputs.d} but model.d_in = {m.d_in}")
@@ -96,7 +97,8 @@ def _build_live(options: EsmOptions, config: RunConfig) -> ActivationSource:
 
     m = config.model
     layers = options.layers(m.is_transcoder)
-    source = LiveSource(_fasta_subset(options, config.train.out_dir), load_model(options.model), layers, pool=options.pool)
+    source = LiveSource(_fasta_subset(options, config.train.out_dir), load_model(options.model), layers, pool=options.pool,
+                        precision=config.train.precision)
     width = source.d // len(layers)
     if width != m.d_in or (m.is_transcoder and width != m.d_out):
         raise ConfigError(f"data.esm.model gives d={width} vectors but model.d_in = {m.d_in}"

@@ -80,9 +80,10 @@ class ActivationStore:
 
 
 def _fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a run to resume a store: settings, weights and input contents (not paths)."""
+    """What must match for a run to resume a store: settings, weights and input contents (not paths).
+    The requested precision is not compared: the resolved one is (see ``extract.store_precision``)."""
     return {
-        **{f"settings.{k}": v for k, v in manifest["settings"].items()},
+        **{f"settings.{k}": v for k, v in manifest["settings"].items() if k != "precision"},
         "model.weights_sha256": manifest["model"]["weights_sha256"],
         "input.sha256": manifest["input"]["sha256"],
     }
@@ -118,7 +119,7 @@ class StoreWriter:
 
     def add(self, windows: Sequence[Window], rows: dict[int, torch.Tensor], counts: Sequence[int]) -> None:
         for layer, values in rows.items():
-            self.parts[layer].append(values.to(torch.float32).numpy().astype(self.dtype, copy=False))
+            self.parts[layer].append(values.to("cpu", torch.float32).numpy().astype(self.dtype, copy=False))
         for window, count in zip(windows, counts):
             for key, value in zip(self.table, (window.key, window.id, window.start, len(window.sequence), self.rows, count)):
                 self.table[key].append(value)
