@@ -135,12 +135,32 @@ def test_cli_precision_choice(tmp_path, model_dir, proteins, capsys) -> None:
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
-def test_live_source_follows_the_precision(tmp_path, loaded, proteins) -> None:
+def test_live_source_computes_in_its_precision(loaded, proteins) -> None:
     fasta, sequences = proteins
-    auto = LiveSource(fasta, loaded, [2])
-    assert auto.precision == resolve_precision("auto", "cpu")
-    fp32 = LiveSource(fasta, loaded, [2], precision="fp32")
-    assert not fp32.runner.bf16 and auto.runner.bf16 == (auto.precision.dtype == "bf16")
+    for precision in ("auto", "fp32"):
+        live = LiveSource(fasta, loaded, [2], precision=precision, seed=None)
+        assert live.precision == resolve_precision(precision, "cpu")
+        rows = torch.cat(list(live.iter_from(0)))
+        runner = FastESM2(loaded.model, bf16=live.precision.dtype == "bf16")  # the same batches, explicitly
+        tokenizer = Tokenizer(loaded.alphabet)
+        want = torch.cat([vectors(runner, tokenizer, [sequences[i] for i in batch], [2])[2] for batch in live.batches])
+        assert torch.equal(rows, want)
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_training_sources_follow_the_runs_precision(tmp_path, model_dir, proteins, precision) -> None:
+    from sae_engine.config import load_config
+    from sae_engine.registry import build_source
+
+    fasta, _ = proteins
+    sets = ["model.d_in=32", "model.n_latents=64", "model.k=4", f"train.precision='{precision}'",
+            f"train.out_dir='{tmp_path / 'run'}'", "train.progress=false", f"data.esm.fasta='{fasta}'",
+            f"data.esm.model='{model_dir}'", "data.esm.layer=2"]
+    want = resolve_precision(precision, "cpu")
+    build_source(load_config(None, sets + ["data.source='esm'", f"data.esm.store='{tmp_path / 'store'}'"]))
+    assert ActivationStore(tmp_path / "store").manifest["precision_resolved"]["dtype"] == want.dtype
+    live = build_source(load_config(None, sets + ["data.source='esm_live'"]))
+    assert live.precision == want and live.runner.bf16 == (want.dtype == "bf16")
 
 
 def test_forward_makes_every_tensor_on_the_models_device(loaded) -> None:

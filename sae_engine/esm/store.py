@@ -43,12 +43,13 @@ class ActivationStore:
     """A directory of activation shards and their manifest.
 
     Layout: ``manifest.json`` (settings: layers, pooling, dtypes, cropping; the model's spec,
-    description and weights sha256; the input's path and content hash; the committed shards in
-    order) and, per shard, ``shards/<name>.L<layer>.npy`` ``[rows, d]`` for each layer plus
-    ``shards/<name>.index.json`` (per window: key, protein id, start residue, residues, row offset
-    in the shard, rows). Per-shard indexes keep each commit small for 500k-protein inputs. A
-    shard is committed when the manifest lists it; files of uncommitted shards are leftovers of a
-    killed run and are removed when a run resumes, so every window appears exactly once.
+    description and weights sha256; the input's path and content hash; ``precision_resolved``,
+    the dtype ESM2 computed in and why; the committed shards in order) and, per shard,
+    ``shards/<name>.L<layer>.npy`` ``[rows, d]`` for each layer plus ``shards/<name>.index.json``
+    (per window: key, protein id, start residue, residues, row offset in the shard, rows).
+    Per-shard indexes keep each commit small for 500k-protein inputs. A shard is committed when
+    the manifest lists it; files of uncommitted shards are leftovers of a killed run and are
+    removed when a run resumes, so every window appears exactly once.
     """
 
     def __init__(self, root: str | Path) -> None:
