@@ -8,22 +8,15 @@ Shapes: ``x[B, d]``, ``W_enc[n, d]``, ``b_enc[n]``, ``W_dec[n, d]``; a sparse co
     >>> values, indices = sae_kernels.topk_encode(x, W, torch.zeros(100), k=4)
     >>> recon = sae_kernels.sparse_decode(values, indices, W)
 
-Both functions are differentiable (torch autograd), registered as ``torch.library`` custom ops
+Both functions are differentiable (torch autograd), run through ``torch.library`` custom ops
 (``torch.compile`` traces through them), and never build a ``[B, n]`` tensor outside the
-``impl="torch"`` reference. ``sae_kernels.jax`` offers the same two functions for JAX.
+``impl="reference"`` oracle. ``sae_kernels.jax`` offers the same two functions for JAX.
 
-On a machine without CUDA, importing this package sets ``TRITON_INTERPRET=1`` (unless already
-set) so that ``impl="triton"`` runs the real Triton kernels under Triton's interpreter; this
-only takes effect if triton was not imported before.
+``impl="triton"`` runs the Triton kernels compiled on CUDA tensors and under Triton's
+interpreter on CPU tensors, chosen per call; importing this package changes nothing in the
+process's environment.
 """
-import os as _os
-
-import torch as _torch
-
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .ops import (  # noqa: E402
+from .ops import (
     DecodeGrads,
     EncodeGrads,
     RowSparseGrad,
@@ -32,7 +25,7 @@ from .ops import (  # noqa: E402
     topk_encode,
     topk_encode_backward,
 )
-from .reference import EMPTY  # noqa: E402
+from .reference import EMPTY
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,21 @@ every element:
 Values are exact either way; among exactly equal pre-activations at the k-th place, which
 index is kept is deterministic but unspecified here (the reference and Triton paths keep the
 smaller index).
+
+The GEMM's dtype on the CPU, per hardware class (``gemm_dtype``):
+
+* fp32 inputs: fp32 everywhere.
+* bf16 inputs: bf16 on CPUs with bf16 matrix units (AVX-512-BF16, AMX, Arm BF16; read by
+  ``sae_kernels.hardware.cpu_info``): there it is 2-6x faster than fp32. Elsewhere (e.g. AVX2
+  only, AMD Zen 3) the bf16 product is emulated, about 9x slower than fp32, so each chunk's
+  GEMM runs in fp32 on the upcast inputs (bf16 products are exact in fp32).
+* fp16 inputs: fp32 on every CPU (the fp16 product is emulated; measured 3.3x slower than fp32
+  on an AVX-512-BF16 Zen 4).
+
+Either way the outputs keep the input dtype: values are the selected pre-activations rounded
+once to it. An fp32 GEMM selects on fp32 pre-activations, a bf16 GEMM on bf16-rounded ones
+(within the bf16 tolerance of the exact top k). ``FP32_GEMM`` overrides the choice.
+On CUDA tensors the GEMM runs in the input dtype.
 """
 from __future__ import annotations
 
@@ -35,6 +50,9 @@ MIN_GROUPS_PER_K = 4  # measured: with fewer groups per selected latent one topk
 CHUNK_BYTES = 32 << 20  # pre-activation buffer size, unless that leaves fewer than MIN_CHUNK_ROWS
 MIN_CHUNK_ROWS = 512  # measured: narrower GEMMs are up to 1.4x slower at n=131072
 MAX_CHUNK_BYTES = 256 << 20  # ... but never more than this for the sake of MIN_CHUNK_ROWS
+# None: decided by the hardware (see the module docstring); True / False: always / never
+# compute low-precision GEMMs in fp32 on the CPU.
+FP32_GEMM: bool | None = None
 _KEY_DTYPES = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -107,6 +125,19 @@ def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, columns
 
 
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the encoder's GEMM runs in for inputs of ``dtype`` on ``device``."""
+    if dtype == torch.float32 or device.type != "cpu":
+        return dtype
+    if FP32_GEMM is not None:
+        return torch.float32 if FP32_GEMM else dtype
+    if dtype == torch.bfloat16:
+        from .hardware import cpu_info
+
+        return dtype if cpu_info().native_bf16 else torch.float32
+    return torch.float32
+
+
 def topk_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -116,11 +147,13 @@ def topk_encode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked fused-in-spirit top-k encoder. x: [B, d], W_enc: [n, d], b_enc: [n] -> ([B, k], [B, k]).
 
-    The GEMM runs in x's dtype (bf16 uses the CPU's bf16 matrix units); selection happens on
-    the GEMM's output, so bf16 inputs select on bf16-rounded pre-activations.
+    The GEMM runs in ``gemm_dtype(x.dtype, x.device)``; selection happens on its output, and
+    values are returned in x's dtype.
     """
     B, n = x.shape[0], W_enc.shape[0]
-    bias = b_enc.to(x.dtype)
+    compute = gemm_dtype(x.dtype, x.device)
+    W_enc = W_enc.to(compute)
+    bias = b_enc.to(compute)
     if latent_mask is not None:
         # Masked latents get -inf through the bias, so the GEMM itself excludes them.
         bias = bias.masked_fill(~latent_mask.bool(), float("-inf"))
@@ -128,15 +161,15 @@ def topk_encode(
     if width > n:  # whole groups for the selection: extra latents that are never eligible
         W_enc = torch.cat([W_enc, W_enc.new_zeros(width - n, W_enc.shape[1])])
         bias = torch.cat([bias, bias.new_full((width - n,), float("-inf"))])
-    rows = rows_per_chunk(width, B, x.element_size())
-    buffer = preactivation_buffer(rows, width, x.dtype, x.device)
+    rows = rows_per_chunk(width, B, W_enc.element_size())
+    buffer = preactivation_buffer(rows, width, compute, x.device)
     values = torch.empty(B, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     W_t = W_enc.T
     for start in range(0, B, rows):
         stop = min(start + rows, B)
         pre = buffer[: stop - start]
-        torch.addmm(bias, x[start:stop], W_t, out=pre)
+        torch.addmm(bias, x[start:stop].to(compute), W_t, out=pre)
         top, idx = select_topk(pre, k)
         values[start:stop] = top
         indices[start:stop] = idx

@@ -29,9 +29,9 @@ Backward passes are sparse: gathers of ``k`` rows per token and scatter-adds int
 Implementations (``impl``): ``"xla"`` is the chunked path above, on any backend.
 ``"triton"`` runs the forward passes with the Triton kernels of ``sae_kernels.triton_kernels``
 through ``jax_triton`` (GPU only; backward passes stay on the sparse XLA path). ``"auto"``
-picks ``"triton"`` when JAX runs on a GPU, ``jax_triton`` imports, the Triton kernels are
-compiled rather than interpreted, and the call fits them (encoder: ``x`` and ``W_enc`` of one
-float dtype, ``next_pow2(k) <= 256``); otherwise ``"xla"``.
+picks ``"triton"`` when JAX runs on a GPU, ``jax_triton`` imports, and the call fits the
+kernels (encoder: ``x`` and ``W_enc`` of one float dtype, ``next_pow2(k) <= 256``); otherwise
+``"xla"``.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _choose_impl(impl: str, triton_unsupported: Callable[[], str | None]) -> str
         return "xla"
     try:
         _triton_modules()
-    except (ImportError, RuntimeError):
+    except ImportError:
         if impl == "triton":
             raise
         return "xla"
@@ -400,16 +400,8 @@ def _triton_modules() -> tuple[ModuleType, ModuleType]:
             "impl='triton' needs the jax-triton package and a CUDA build of JAX; "
             "use impl='xla' otherwise"
         ) from err
-    from triton.runtime.jit import JITFunction
-
     from . import triton_kernels
 
-    if not isinstance(triton_kernels._decode_kernel, JITFunction):
-        raise RuntimeError(
-            "the Triton kernels were built for Triton's interpreter (TRITON_INTERPRET is set, "
-            "which importing sae_kernels does when torch sees no CUDA device); set "
-            "TRITON_INTERPRET=0 before importing sae_kernels to run them through jax_triton"
-        )
     return jax_triton, triton_kernels
 
 
@@ -471,7 +463,7 @@ def _encode_fwd_triton(
     with jax.enable_x64(True):
         cand = jt.triton_call(
             x, W_enc, bias,
-            kernel=tk._encode_topk_kernel,
+            kernel=tk._encode_topk_kernel.compiled,
             out_type=jax.ShapeDtypeStruct((plan.splits, B, plan.k_pad), jnp.int64),
             grid=plan.grid,
             num_warps=plan.num_warps,
@@ -493,7 +485,7 @@ def _decode_fwd_triton(values: Array, indices: Array, W_dec: Array) -> Array:
         return jnp.zeros(out_type.shape, out_type.dtype)
     return jt.triton_call(
         values, indices, W_dec,
-        kernel=tk._decode_kernel,
+        kernel=tk._decode_kernel.compiled,
         out_type=out_type,
         grid=(B, _cdiv(d, tk._DECODE_BLOCK_D)),
         num_warps=tk._DECODE_WARPS,

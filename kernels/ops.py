@@ -1,8 +1,14 @@
-"""The public PyTorch API: dispatch between implementations, custom ops and autograd.
+"""The public PyTorch API: one dispatch path through ``torch.library`` custom ops.
 
-``topk_encode`` and ``sparse_decode`` are registered as ``torch.library`` custom ops with fake
-(meta) implementations, so ``torch.compile`` traces through them, and with autograd formulas
-built from the sparse primitives below:
+Every public function validates its arguments, resolves ``impl`` and calls one of four ops,
+``torch.ops.sae_kernels.{topk_encode, sparse_decode, gather_dot, segment_rows}``. Each op has a
+fake (meta) implementation, so ``torch.compile`` traces through it; ``topk_encode`` and
+``sparse_decode`` have autograd formulas. The ops are defined with ``torch.library.Library``
+and a plain implementation, so their first call does not import ``torch._dynamo`` (about
+150 MiB resident and a second, which ``torch.library.custom_op`` spends on every process).
+
+Backward math, written once below and used by the autograd formulas and by the row-sparse
+API (``topk_encode_backward``, ``sparse_decode_backward``) alike, on every implementation:
 
 * encoder: ``g_pre = g_values * (values > 0)``; ``dx = sparse_decode(g_pre, indices, W_enc)``;
   ``dW_enc``, ``db_enc`` = sparse-transpose product of ``g_pre`` with ``x`` (selected rows only).
@@ -10,9 +16,10 @@ built from the sparse primitives below:
   product of ``values`` with ``g_out``.
 
 Implementations (``impl``): ``"triton"`` runs the Triton kernels (compiled on CUDA tensors,
-under the interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
-imported); ``"chunked"`` the chunked PyTorch path; ``"torch"`` the plain reference;
-``"auto"`` picks Triton on CUDA and the chunked path elsewhere.
+under Triton's interpreter on CPU tensors); ``"chunked"`` the chunked PyTorch path;
+``"reference"`` the plain PyTorch oracle, which builds ``[B, n]``; ``"auto"`` picks Triton on
+CUDA (the chunked path where k exceeds what the Triton encoder holds) and the chunked path
+elsewhere.
 """
 from __future__ import annotations
 
@@ -22,32 +29,25 @@ from typing import Literal
 import torch
 
 from . import chunked, reference
-from .reference import EMPTY
-from .validate import check_code, check_encode_inputs
+from .validate import MAX_TRITON_K, check_code, check_encode_inputs
 
-Impl = Literal["auto", "triton", "chunked", "torch"]
-IMPLS = ("auto", "triton", "chunked", "torch")
+Impl = Literal["auto", "triton", "chunked", "reference"]
+IMPLS = ("auto", "triton", "chunked", "reference")
 
 
-def _resolve(impl: str, device: torch.device) -> str:
+def _resolve(impl: str, device: torch.device, k: int | None = None) -> str:
+    """The implementation that runs: ``impl`` itself, or the choice of ``"auto"``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    fits_triton = k is None or k <= MAX_TRITON_K
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        return "triton" if device.type == "cuda" and fits_triton else "chunked"
+    if impl == "triton" and not fits_triton:
+        raise ValueError(
+            f"impl='triton' keeps at most k={MAX_TRITON_K} latents per row in registers, got k={k}; "
+            "use impl='chunked' (or 'auto', which picks it)"
+        )
     return impl
-
-
-def _plain_call(*tensors: torch.Tensor) -> bool:
-    """Whether a call can skip the custom-op dispatcher: no gradient wanted, no tracing.
-
-    The dispatcher imports torch._dynamo on its first call (about 150 MiB resident and a
-    second), which inference and the hand-written training backward do not need.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return all(type(t) is torch.Tensor for t in tensors)  # fake and functional tensors trace
 
 
 def _triton():
@@ -58,68 +58,87 @@ def _triton():
 
 
 # ---------------------------------------------------------------------------------------------
-# Primitives, one dispatch each.
+# The four primitives, one implementation each per impl.
 # ---------------------------------------------------------------------------------------------
 
 
 def _encode(x, W_enc, b_enc, k, latent_mask, impl):
-    if impl == "torch":
+    if impl == "reference":
         return reference.topk_encode_ref(x, W_enc, b_enc, k, latent_mask)
-    if impl == "triton":
-        tk = _triton()
-        bias = b_enc.float()
-        if latent_mask is not None:
-            bias = bias.masked_fill(~latent_mask, float("-inf"))
-        if k <= tk.MAX_FUSED_K:
-            pre, idx = tk.encode_topk(x, W_enc, bias, k)
-            empty = torch.isneginf(pre)
-            values = pre.clamp_min(0).masked_fill(empty, 0).to(x.dtype)
-            return values, idx.masked_fill(empty, EMPTY)
-        # A running top-k this large does not fit in registers; the chunked path is exact.
-    return chunked.topk_encode(x, W_enc, b_enc, k, latent_mask)
+    if impl == "chunked":
+        return chunked.topk_encode(x, W_enc, b_enc, k, latent_mask)
+    bias = b_enc.float()
+    if latent_mask is not None:
+        bias = bias.masked_fill(~latent_mask, float("-inf"))
+    pre, idx = _triton().encode_topk(x, W_enc, bias, k)
+    empty = torch.isneginf(pre)
+    values = pre.clamp_min(0).masked_fill(empty, 0).to(x.dtype)
+    return values, idx.masked_fill(empty, reference.EMPTY)
 
 
 def _decode(values, indices, W, impl):
-    if impl == "torch":
+    if impl == "reference":
         return reference.sparse_decode_ref(values, indices, W)
-    if impl == "triton":
-        return _triton().decode(values, indices, W)
-    return chunked.sparse_decode(values, indices, W)
+    if impl == "chunked":
+        return chunked.sparse_decode(values, indices, W)
+    return _triton().decode(values, indices, W)
 
 
 def _gather_dot(g, indices, W, impl):
-    if impl == "triton":
-        return _triton().gather_dot(g, indices, W)
-    if impl == "torch":
-        dots = torch.einsum("bd,bkd->bk", g.float(), W.float()[indices.clamp_min(0)])
-        return dots * (indices >= 0)
-    return chunked.gather_dot(g, indices, W)
+    if impl == "reference":
+        return reference.gather_dot_ref(g, indices, W)
+    if impl == "chunked":
+        return chunked.gather_dot(g, indices, W)
+    return _triton().gather_dot(g, indices, W)
 
 
 def _segment_rows(coeff, indices, src, impl):
-    if impl == "triton":
-        return _triton().segment_rows(coeff, indices, src)
-    if impl == "torch":
-        valid = (indices >= 0).reshape(-1)
-        flat = indices.reshape(-1)[valid]
-        rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        weights = coeff.reshape(-1).float()[valid]
-        tokens = torch.arange(indices.shape[0], device=src.device).repeat_interleave(indices.shape[1])[valid]
-        contrib = weights[:, None] * src.float()[tokens]
-        grads = torch.zeros(rows.numel(), src.shape[1], device=src.device).index_add_(0, inverse, contrib)
-        sums = torch.zeros(rows.numel(), device=src.device).index_add_(0, inverse, weights)
-        return rows, grads, sums
-    return chunked.segment_rows(coeff, indices, src)
-
-
-def _densify(rows: torch.Tensor, grads: torch.Tensor, n: int) -> torch.Tensor:
-    """Scatter row-sparse gradients into a zero [n, ...] tensor (rows are unique: no races)."""
-    dense = grads.new_zeros((n,) + tuple(grads.shape[1:]))
-    return dense.index_copy_(0, rows, grads)
+    if impl == "reference":
+        return reference.segment_rows_ref(coeff, indices, src)
+    if impl == "chunked":
+        return chunked.segment_rows(coeff, indices, src)
+    return _triton().segment_rows(coeff, indices, src)
 
 
 # ---------------------------------------------------------------------------------------------
-# Row-sparse gradients: what an optimizer that updates only touched rows consumes.
+# Custom ops: schemas, implementations, fake implementations.
+# ---------------------------------------------------------------------------------------------
+
+_lib = torch.library.Library("sae_kernels", "DEF")
+_lib.define("topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, int k, Tensor? latent_mask, str impl) -> (Tensor, Tensor)")
+_lib.define("sparse_decode(Tensor values, Tensor indices, Tensor W_dec, str impl) -> Tensor")
+_lib.define("gather_dot(Tensor g, Tensor indices, Tensor W, str impl) -> Tensor")
+_lib.define("segment_rows(Tensor coeff, Tensor indices, Tensor src, str impl) -> (Tensor, Tensor, Tensor)")
+for _name, _fn in (("topk_encode", _encode), ("sparse_decode", _decode), ("gather_dot", _gather_dot),
+                   ("segment_rows", _segment_rows)):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("sae_kernels::topk_encode", lib=_lib)
+def _(x, W_enc, b_enc, k, latent_mask, impl):
+    B = x.shape[0]
+    return x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int64)
+
+
+@torch.library.register_fake("sae_kernels::sparse_decode", lib=_lib)
+def _(values, indices, W_dec, impl):
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1], dtype=torch.promote_types(values.dtype, W_dec.dtype))
+
+
+@torch.library.register_fake("sae_kernels::gather_dot", lib=_lib)
+def _(g, indices, W, impl):
+    return g.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("sae_kernels::segment_rows", lib=_lib)
+def _(coeff, indices, src, impl):
+    U = torch.library.get_ctx().new_dynamic_size()  # how many distinct rows: data-dependent
+    return (indices.new_empty(U, dtype=torch.int64), src.new_empty(U, src.shape[1], dtype=torch.float32),
+            src.new_empty(U, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-sparse gradients and the backward math, once.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -139,6 +158,16 @@ class RowSparseGrad:
         """The same gradient as a dense [n, d] fp32 tensor."""
         return _densify(self.rows, self.grad, n)
 
+    def bias_to_dense(self, n: int) -> torch.Tensor:
+        """The bias gradient as a dense [n] fp32 tensor."""
+        assert self.bias_grad is not None, "this gradient has no bias part"
+        return _densify(self.rows, self.bias_grad, n)
+
+
+def _densify(rows: torch.Tensor, grads: torch.Tensor, n: int) -> torch.Tensor:
+    """Scatter row-sparse gradients into a zero [n, ...] tensor (rows are unique: no races)."""
+    return grads.new_zeros((n,) + tuple(grads.shape[1:])).index_copy_(0, rows, grads)
+
 
 @dataclass
 class EncodeGrads:
@@ -156,6 +185,33 @@ class DecodeGrads:
     W_dec: RowSparseGrad
 
 
+def _preactivation_grad(grad_values: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[B, k] fp32 gradient of the selected pre-activations (ReLU: zero where the value is 0)."""
+    return grad_values.float() * (values > 0)
+
+
+def _encoder_input_grad(g_pre, indices, W_enc, x_dtype, impl) -> torch.Tensor:
+    """dx [B, d] = sum_j g_pre[b, j] * W_enc[indices[b, j]], in x's dtype."""
+    return torch.ops.sae_kernels.sparse_decode(g_pre, indices, W_enc, impl).to(x_dtype)
+
+
+def _encoder_weight_grad(g_pre, indices, x, impl) -> RowSparseGrad:
+    """dW_enc and db_enc over the selected rows: g_pre's sparse transpose times x."""
+    rows, grads, sums = torch.ops.sae_kernels.segment_rows(g_pre, indices, x, impl)
+    return RowSparseGrad(rows, grads, sums)
+
+
+def _decoder_values_grad(grad_out, indices, W_dec, values_dtype, impl) -> torch.Tensor:
+    """dvalues [B, k] = dot(grad_out[b], W_dec[indices[b, j]]), in the values' dtype."""
+    return torch.ops.sae_kernels.gather_dot(grad_out, indices, W_dec, impl).to(values_dtype)
+
+
+def _decoder_weight_grad(values, indices, grad_out, impl) -> RowSparseGrad:
+    """dW_dec over the selected rows: the values' sparse transpose times grad_out."""
+    rows, grads, _ = torch.ops.sae_kernels.segment_rows(values, indices, grad_out, impl)
+    return RowSparseGrad(rows, grads)
+
+
 def topk_encode_backward(
     grad_values: torch.Tensor,
     values: torch.Tensor,
@@ -167,10 +223,9 @@ def topk_encode_backward(
 ) -> EncodeGrads:
     """Backward of ``topk_encode`` in row-sparse form. grad_values, values, indices: [B, k]."""
     impl = _resolve(impl, x.device)
-    g_pre = grad_values.float() * (values > 0)
-    dx = _decode(g_pre, indices, W_enc, impl).to(x.dtype)
-    rows, grads, sums = _segment_rows(g_pre, indices, x, impl)
-    return EncodeGrads(dx, RowSparseGrad(rows, grads, sums))
+    g_pre = _preactivation_grad(grad_values, values)
+    return EncodeGrads(_encoder_input_grad(g_pre, indices, W_enc, x.dtype, impl),
+                       _encoder_weight_grad(g_pre, indices, x, impl))
 
 
 def sparse_decode_backward(
@@ -183,60 +238,13 @@ def sparse_decode_backward(
 ) -> DecodeGrads:
     """Backward of ``sparse_decode`` in row-sparse form. grad_out: [B, d]; values, indices: [B, k]."""
     impl = _resolve(impl, grad_out.device)
-    dvalues = _gather_dot(grad_out, indices, W_dec, impl).to(values.dtype)
-    rows, grads, _ = _segment_rows(values, indices, grad_out, impl)
-    return DecodeGrads(dvalues, RowSparseGrad(rows, grads))
+    return DecodeGrads(_decoder_values_grad(grad_out, indices, W_dec, values.dtype, impl),
+                       _decoder_weight_grad(values, indices, grad_out, impl))
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops: fake implementations for tracing, autograd formulas.
+# Autograd formulas: the same math, densified for autograd's [n, d] gradients.
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("sae_kernels::topk_encode", mutates_args=())
-def _topk_encode_op(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, latent_mask: torch.Tensor | None, impl: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _encode(x, W_enc, b_enc, k, latent_mask, impl)
-
-
-@_topk_encode_op.register_fake
-def _(x, W_enc, b_enc, k, latent_mask, impl):
-    B = x.shape[0]
-    return x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int64)
-
-
-@torch.library.custom_op("sae_kernels::sparse_decode", mutates_args=())
-def _sparse_decode_op(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, impl: str) -> torch.Tensor:
-    return _decode(values, indices, W_dec, impl)
-
-
-@_sparse_decode_op.register_fake
-def _(values, indices, W_dec, impl):
-    return W_dec.new_empty(values.shape[0], W_dec.shape[1], dtype=torch.promote_types(values.dtype, W_dec.dtype))
-
-
-@torch.library.custom_op("sae_kernels::gather_dot", mutates_args=())
-def _gather_dot_op(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, impl: str) -> torch.Tensor:
-    return _gather_dot(g, indices, W, impl)
-
-
-@_gather_dot_op.register_fake
-def _(g, indices, W, impl):
-    return g.new_empty(indices.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("sae_kernels::segment_rows_dense", mutates_args=())
-def _segment_rows_dense_op(
-    coeff: torch.Tensor, indices: torch.Tensor, src: torch.Tensor, n: int, impl: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, grads, sums = _segment_rows(coeff, indices, src, impl)
-    return _densify(rows, grads, n), _densify(rows, sums, n)
-
-
-@_segment_rows_dense_op.register_fake
-def _(coeff, indices, src, n, impl):
-    return src.new_empty(n, src.shape[1], dtype=torch.float32), src.new_empty(n, dtype=torch.float32)
 
 
 def _encode_setup(ctx, inputs, output):
@@ -250,14 +258,15 @@ def _encode_setup(ctx, inputs, output):
 def _encode_backward(ctx, grad_values, grad_indices):
     x, W_enc, values, indices = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    g_pre = grad_values.float() * (values > 0)
+    g_pre = _preactivation_grad(grad_values, values)
     dx = dW = db = None
     if need_x:
-        dx = _sparse_decode_op(g_pre, indices, W_enc, ctx.impl).to(x.dtype)
+        dx = _encoder_input_grad(g_pre, indices, W_enc, x.dtype, ctx.impl)
     if need_w or need_b:
-        dW_full, db_full = _segment_rows_dense_op(g_pre, indices, x, W_enc.shape[0], ctx.impl)
-        dW = dW_full.to(W_enc.dtype) if need_w else None
-        db = db_full.to(ctx.b_dtype) if need_b else None
+        grad = _encoder_weight_grad(g_pre, indices, x, ctx.impl)
+        n = W_enc.shape[0]
+        dW = grad.to_dense(n).to(W_enc.dtype) if need_w else None
+        db = grad.bias_to_dense(n).to(ctx.b_dtype) if need_b else None
     return dx, dW, db, None, None, None
 
 
@@ -272,14 +281,14 @@ def _decode_backward(ctx, grad_out):
     need_v, _, need_w = ctx.needs_input_grad[:3]
     dvalues = dW = None
     if need_v:
-        dvalues = _gather_dot_op(grad_out, indices, W_dec, ctx.impl).to(values.dtype)
+        dvalues = _decoder_values_grad(grad_out, indices, W_dec, values.dtype, ctx.impl)
     if need_w:
-        dW = _segment_rows_dense_op(values, indices, grad_out, W_dec.shape[0], ctx.impl)[0].to(W_dec.dtype)
+        dW = _decoder_weight_grad(values, indices, grad_out, ctx.impl).to_dense(W_dec.shape[0]).to(W_dec.dtype)
     return dvalues, None, dW, None
 
 
-torch.library.register_autograd("sae_kernels::topk_encode", _encode_backward, setup_context=_encode_setup)
-torch.library.register_autograd("sae_kernels::sparse_decode", _decode_backward, setup_context=_decode_setup)
+torch.library.register_autograd("sae_kernels::topk_encode", _encode_backward, setup_context=_encode_setup, lib=_lib)
+torch.library.register_autograd("sae_kernels::sparse_decode", _decode_backward, setup_context=_decode_setup, lib=_lib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,27 +311,24 @@ def topk_encode(
         x: [B, d] activations (fp32, bf16 or fp16).
         W_enc: [n, d] encoder, one row per latent, same dtype as x.
         b_enc: [n] encoder bias.
-        k: latents kept per row, 1 <= k <= n.
+        k: latents kept per row, 1 <= k <= n (and k <= 256 for impl="triton").
         latent_mask: optional [n] bool; only latents where it is true may be selected (the
             AuxK dead-latent pass).
-        impl: "auto", "triton", "chunked" or "torch" (see the module docstring).
+        impl: "auto", "triton", "chunked" or "reference" (see the module docstring).
 
     Returns:
         values [B, k] in x's dtype, sorted descending per row, ReLU applied;
         indices [B, k] int64. Among exactly equal pre-activations the smaller latent index comes
-        first on the Triton and torch paths; the chunked path keeps the same values and one of
-        the tied latents (deterministically). When fewer
+        first on the Triton and reference paths; the chunked path keeps the same values and one
+        of the tied latents (deterministically). When fewer
         than k latents are eligible under the mask, the trailing slots hold value 0 and index -1,
         which ``sparse_decode`` and every backward pass skip.
 
     Differentiable in x, W_enc and b_enc; the backward touches only the selected rows.
     """
     check_encode_inputs(x, W_enc, b_enc, k, latent_mask)
-    impl = _resolve(impl, x.device)
-    mask = None if latent_mask is None else latent_mask.bool()
-    if _plain_call(x, W_enc, b_enc):
-        return _encode(x, W_enc, b_enc, int(k), mask, impl)
-    return _topk_encode_op(x, W_enc, b_enc, int(k), mask, impl)
+    impl = _resolve(impl, x.device, k)
+    return torch.ops.sae_kernels.topk_encode(x, W_enc, b_enc, int(k), latent_mask, impl)
 
 
 def sparse_decode(
@@ -339,6 +345,4 @@ def sparse_decode(
     """
     check_code(values, indices, W_dec)
     impl = _resolve(impl, values.device)
-    if _plain_call(values, W_dec):
-        return _decode(values, indices.long(), W_dec, impl)
-    return _sparse_decode_op(values, indices.long(), W_dec, impl)
+    return torch.ops.sae_kernels.sparse_decode(values, indices.long(), W_dec, impl)

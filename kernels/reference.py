@@ -49,3 +49,30 @@ def sparse_decode_ref(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.
     rows = W_dec.float()[indices.clamp_min(0)]  # [B, k, d]
     coeff = values.float() * valid
     return torch.einsum("bk,bkd->bd", coeff, rows).to(out_dtype)
+
+
+def gather_dot_ref(g: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Reference gather-dot: ``dot(g[b], W[indices[b, j]])`` in fp32, 0 for empty slots.
+    g: [B, d], indices: [B, k], W: [n, d] -> [B, k] fp32 (builds the [B, k, d] gather)."""
+    dots = torch.einsum("bd,bkd->bk", g.float(), W.float()[indices.clamp_min(0)])
+    return dots * (indices >= 0)
+
+
+def segment_rows_ref(
+    coeff: torch.Tensor, indices: torch.Tensor, src: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference sparse-transpose product over the selected rows.
+
+    ``grads[u] = sum_{(b, j): indices[b, j] == rows[u]} coeff[b, j] * src[b]`` and
+    ``sums[u]`` the sum of those coeff. coeff, indices: [B, k]; src: [B, d] ->
+    (rows [U] int64 ascending, grads [U, d] fp32, sums [U] fp32).
+    """
+    valid = (indices >= 0).reshape(-1)
+    flat = indices.reshape(-1)[valid]
+    rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    weights = coeff.reshape(-1).float()[valid]
+    tokens = torch.arange(indices.shape[0], device=src.device).repeat_interleave(indices.shape[1])[valid]
+    contrib = weights[:, None] * src.float()[tokens]
+    grads = torch.zeros(rows.numel(), src.shape[1], device=src.device).index_add_(0, inverse, contrib)
+    sums = torch.zeros(rows.numel(), device=src.device).index_add_(0, inverse, weights)
+    return rows, grads, sums

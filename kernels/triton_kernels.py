@@ -6,18 +6,20 @@ an index of -1 marks an empty slot that every kernel skips. Inputs may be fp32,
 bf16 or fp16; every kernel accumulates in fp32. No kernel materialises a
 ``[B, n]`` tensor.
 
-Launchers are pure functions of tensors. They run compiled on CUDA tensors and
-through the Triton interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set
-before ``triton`` was first imported.
+Launchers are pure functions of tensors. Each kernel is a :class:`Kernel` holding
+two handles of one source: compiled for CUDA tensors, and run by Triton's
+interpreter for CPU tensors. The handle is chosen per call from the tensors'
+device; ``TRITON_INTERPRET`` plays no part and is never set.
 
 ``AOT_SPECS`` lists every kernel at the block sizes the launchers use on an H100
 for the benchmark shapes, so it can be compiled ahead of time without a GPU;
 running this file as a script prints the resulting resource table
-(``python kernels/triton_kernels.py [--json]``, with ``TRITON_INTERPRET`` unset).
+(``python -m sae_kernels.triton_kernels [--json]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,17 +27,20 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
-# Largest padded k (next power of two of k) the fused encoder keeps in registers;
-# larger k must use a chunked path. Every k <= MAX_FUSED_K is accepted.
-MAX_K_PAD = 256
-MAX_FUSED_K = MAX_K_PAD
+from .validate import MAX_TRITON_K
+
+# Largest padded k (next power of two of k) the fused encoder keeps in registers.
+MAX_K_PAD = MAX_TRITON_K
 
 # Packed key of (-inf, latent 2**32-1), the smallest key a real candidate can have.
 # -inf is 0xFF800000, whose order-preserving int32 key is -(2**31) + 0x7FFFFF.
@@ -43,25 +48,84 @@ _FLOOR_KEY = tl.constexpr((-(2**31) + 0x7FFFFF) << 32)
 _MAX_KEY = tl.constexpr(2**63 - 1)
 
 
+def _language_objects() -> list[Any]:
+    """What the interpreter patches while it runs: triton.language's modules and their classes."""
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m]
+    classes = {id(v): v for m in modules for v in vars(m).values()
+               if isinstance(v, type) and v.__module__.startswith("triton.language")}
+    return modules + list(classes.values())
+
+
+@contextlib.contextmanager
+def _interpreting() -> Iterator[None]:
+    """Scope of one interpreted launch in a process whose ``triton.language`` was built compiled.
+
+    ``tl.max``, ``tl.sum``, ``tl.cdiv`` ... are themselves ``@triton.jit`` functions, built as
+    compiled ``JITFunction`` objects when triton was imported without ``TRITON_INTERPRET``, and
+    a ``JITFunction`` refuses a direct call. Inside this scope such a call runs the function as
+    the interpreter runs its own device functions. The interpreter patches ``triton.language``
+    while it runs and does not undo every patch of a nested call, so every replaced attribute
+    is put back afterwards: kernels compiled later see the language as it was. The patching is
+    process-wide, so callers hold ``_INTERPRETER_LOCK``.
+    """
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    call = JITFunction.__call__
+
+    def interpreted_call(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
+        handle = _DEVICE_FUNCTIONS.get(self.fn)
+        if handle is None:
+            handle = _DEVICE_FUNCTIONS[self.fn] = InterpretedFunction(self.fn)
+        return handle(*args, **kwargs)
+
+    JITFunction.__call__ = interpreted_call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = call
+        # Names the interpreter adds (its helpers, which rewritten functions look up) stay.
+        for obj, before in saved:
+            now = vars(obj)
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    setattr(obj, key, value)
+
+
+_INTERPRETER_LOCK = threading.Lock()
+_DEVICE_FUNCTIONS: dict[Any, InterpretedFunction] = {}
+_MISSING = object()
+
+
+class Kernel:
+    """One Triton kernel with both launch handles: ``compiled`` (a ``JITFunction``) for GPU
+    tensors and ``interpreted`` (Triton's interpreter, NumPy on the host) for CPU tensors.
+
+    ``triton.jit`` builds one or the other depending on ``TRITON_INTERPRET`` at decoration
+    time; holding both lets one process run either, chosen per call by :meth:`launch`.
+    Interpreted launches run one at a time (see :func:`_interpreting`).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.compiled = JITFunction(fn)
+        self.interpreted = InterpretedFunction(fn)
+
+    @property
+    def __name__(self) -> str:
+        return self.fn.__name__
+
+    def launch(self, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
+        """Run on ``grid``: compiled for tensors on a GPU, interpreted for CPU tensors."""
+        if device.type != "cpu":
+            self.compiled[grid](*args, **kwargs)
+            return
+        with _INTERPRETER_LOCK, _interpreting():
+            self.interpreted[grid](*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- encoder
 
 
-@triton.jit
-def _pack_keys(vals, cols):
-    """Pack fp32 ``vals`` and int64 latent ids ``cols`` (broadcastable) into int64 keys.
-
-    High 32 bits: the float's bits mapped to a signed int that orders like the float.
-    Low 32 bits: ``2**32 - 1 - col``, so among equal values the smaller latent id wins.
-    One integer comparison then orders by value, ties by index, so plain max/min
-    reductions select a value together with its index, deterministically.
-    """
-    # Adding +0.0 turns -0.0 into +0.0 so that both zeros compare equal, as in torch.
-    bits = (vals + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (cols ^ 0xFFFFFFFF)
-
-
-@triton.jit
+@Kernel
 def _encode_topk_kernel(
     X, W, Bias, Cand,
     B, n, d, k, tiles_per_split,
@@ -119,7 +183,14 @@ def _encode_topk_kernel(
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0)[None, :]
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
-        keys = _pack_keys(acc, cols.to(tl.int64)[None, :])
+        # Pack value and latent id into one int64 key. High 32 bits: the float's bits mapped
+        # to a signed int that orders like the float (+0.0 turns -0.0 into +0.0 so both zeros
+        # compare equal, as in torch). Low 32 bits: 2**32 - 1 - col, so among equal values
+        # the smaller latent id wins. One integer comparison then orders by value, ties by
+        # index, so plain max/min reductions select a value together with its index.
+        bits = (acc + 0.0).to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (ordered.to(tl.int64) << 32) | (cols.to(tl.int64)[None, :] ^ 0xFFFFFFFF)
         # Rows past B get keys no better than any placeholder, so they never insert.
         keys = tl.where(row_ok[:, None], keys, _FLOOR_KEY)
         best = tl.max(keys, axis=1)
@@ -183,7 +254,7 @@ class EncodePlan:
 
 def encode_plan(
     B: int, n: int, k: int, dtype: torch.dtype, num_sms: int | None,
-    *, has_bias: bool = True, allow_tf32: bool = False, interpreted: bool = False,
+    *, has_bias: bool = True, interpreted: bool = False,
 ) -> EncodePlan:
     """Tile sizes, grid and latent splits of the fused encoder.
 
@@ -212,7 +283,8 @@ def encode_plan(
         constexprs={
             "HAS_BIAS": has_bias, "K_PAD": k_pad,
             "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-            "INPUT_PRECISION": "tf32" if (dtype != torch.float32 or allow_tf32) else "tf32x3",
+            # fp32: the 3xTF32 split, as accurate as fp32 (about 1e-6 relative).
+            "INPUT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
             "DOT_FP32": interpreted and dtype == torch.bfloat16,
         },
         num_warps=cfg.num_warps,
@@ -227,7 +299,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``_pack_keys``: int64 keys -> (fp32 values, int64 latent ids)."""
+    """Inverse of the encoder kernel's key packing: int64 keys -> (fp32 values, int64 latent ids)."""
     ordered = (keys >> 32).to(torch.int32)
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
     return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
@@ -238,8 +310,6 @@ def encode_topk(
     W: torch.Tensor,
     bias: torch.Tensor | None,
     k: int,
-    *,
-    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row top-k of ``x @ W.T + bias`` without forming the ``[B, n]`` matrix.
 
@@ -248,9 +318,7 @@ def encode_topk(
         W: ``[n, d]`` encoder weights, same dtype as ``x``.
         bias: ``[n]`` fp32 (may hold -inf to mask latents out), or None.
         k: number of latents per row, ``1 <= k``, ``next_pow2(k) <= MAX_K_PAD``.
-        allow_tf32: for fp32 inputs, one TF32 product per tile (about 1e-3
-            relative error) instead of the default 3xTF32 split, which is as
-            accurate as fp32 (about 1e-6) at a third of the tensor-core rate.
+            fp32 inputs multiply with the 3xTF32 split (as accurate as fp32).
 
     Returns:
         ``pre[B, k]`` fp32 pre-activations sorted descending, ties broken by the
@@ -265,14 +333,16 @@ def encode_topk(
     if B == 0:
         return torch.empty((0, k), dtype=torch.float32, device=x.device), \
             torch.empty((0, k), dtype=torch.int64, device=x.device)
-    on_gpu = x.device.type == "cuda"
-    num_sms = _sm_count(torch.cuda.current_device() if x.device.index is None else x.device.index) if on_gpu else None
-    plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None, allow_tf32=allow_tf32,
-                       interpreted=not on_gpu)
+    interpreted = x.device.type == "cpu"
+    num_sms = None if interpreted else _sm_count(
+        torch.cuda.current_device() if x.device.index is None else x.device.index)
+    plan = encode_plan(B, n, k, x.dtype, num_sms, has_bias=bias is not None,
+                       interpreted=interpreted)
     x = x.contiguous()
     W = W.contiguous()
     cand = torch.empty((plan.splits, B, plan.k_pad), dtype=torch.int64, device=x.device)
-    _encode_topk_kernel[plan.grid](
+    _encode_topk_kernel.launch(
+        plan.grid, x.device,
         x, W, bias.contiguous() if bias is not None else x, cand,
         B, n, d, k, plan.tiles_per_split,
         **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -287,7 +357,7 @@ def encode_topk(
 # --------------------------------------------------------------------------- decoder
 
 
-@triton.jit
+@Kernel
 def _decode_kernel(
     V, I, W, Out, k, d,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -334,7 +404,8 @@ def decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
     if B == 0:
         return out
     block_j = min(_DECODE_BLOCK_J, triton.next_power_of_2(k))
-    _decode_kernel[(B, triton.cdiv(d, _DECODE_BLOCK_D))](
+    _decode_kernel.launch(
+        (B, triton.cdiv(d, _DECODE_BLOCK_D)), W.device,
         values.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
         BLOCK_J=block_j, BLOCK_D=_DECODE_BLOCK_D, num_warps=_DECODE_WARPS,
     )
@@ -344,7 +415,7 @@ def decode(values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@Kernel
 def _gather_dot_kernel(
     G, I, W, Out, k, d,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -391,25 +462,25 @@ def gather_dot(g: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Ten
     if B == 0 or k == 0:
         return out
     block_j = min(_GATHER_BLOCK_J, triton.next_power_of_2(k))
-    _gather_dot_kernel[(B, triton.cdiv(k, block_j))](
+    _gather_dot_kernel.launch(
+        (B, triton.cdiv(k, block_j)), W.device,
         g.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
         BLOCK_J=block_j, BLOCK_D=_GATHER_BLOCK_D, num_warps=_GATHER_WARPS,
     )
     return out
 
 
-@triton.jit
+@Kernel
 def _segment_rows_kernel(
-    Coeff, Order, Starts, Ends, Rows, Src, Out, Sums, k, d,
-    SCATTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    Coeff, Order, Starts, Ends, Src, Out, Sums, k, d,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Segmented reduction ``Out[u] = sum_{p in segment u} Coeff[p] * Src[p // k]``.
 
     Grid ``(U, cdiv(d, BLOCK_D))``. ``Order`` holds flat code positions
     ``b*k + j`` sorted by latent; segment ``u`` is ``Order[Starts[u]:Ends[u]]``.
     Sums in a fixed order with no atomics, so results are bitwise reproducible.
-    With ``SCATTER`` the row is written to ``Out[Rows[u]]`` (dense ``[n, d]``
-    output), otherwise to ``Out[u]``. ``Sums[u]`` gets the sum of the coefficients.
+    ``Sums[u]`` gets the sum of the coefficients.
     """
     seg = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -428,11 +499,7 @@ def _segment_rows_kernel(
         s = tl.load(Src + src_row[:, None] * d + offs_d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.sum(s.to(tl.float32) * c[:, None], axis=0)
         csum += c
-    if SCATTER:
-        dst = tl.load(Rows + seg)
-    else:
-        dst = seg.to(tl.int64)
-    tl.store(Out + dst * d + offs_d, acc, mask=d_ok)
+    tl.store(Out + seg.to(tl.int64) * d + offs_d, acc, mask=d_ok)
     if pid_d == 0:
         tl.store(Sums + seg, tl.sum(csum, axis=0))
 
@@ -456,26 +523,6 @@ def _segments(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return rows, pos[perm], ends - counts, ends
 
 
-def _launch_segment_rows(
-    coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the segmented reduction; writes into ``out`` (``[n, d]``) when given."""
-    k = idx.shape[1]
-    d = src.shape[1]
-    rows, order, starts, ends = _segments(idx)
-    U = rows.numel()
-    scatter = out is not None
-    grads = out if scatter else torch.empty((U, d), dtype=torch.float32, device=src.device)
-    sums = torch.empty((U,), dtype=torch.float32, device=src.device)
-    if U > 0:
-        _segment_rows_kernel[(U, triton.cdiv(d, _SEGMENT_BLOCK_D))](
-            coeff.contiguous(), order, starts, ends, rows, src.contiguous(), grads, sums, k, d,
-            SCATTER=scatter, BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D,
-            num_warps=_SEGMENT_WARPS,
-        )
-    return rows, grads, sums
-
-
 def segment_rows(
     coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -496,14 +543,19 @@ def segment_rows(
         ``rows[U]`` int64 ascending unique latent ids, ``grads[U, d]`` float32,
         ``coeff_sums[U]`` float32.
     """
-    return _launch_segment_rows(coeff, idx, src, None)
-
-
-def segment_rows_dense(coeff: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`segment_rows` written straight into a zero ``[n, d]`` float32 matrix."""
-    out = torch.zeros((n, src.shape[1]), dtype=torch.float32, device=src.device)
-    _launch_segment_rows(coeff, idx, src, out)
-    return out
+    k = idx.shape[1]
+    d = src.shape[1]
+    rows, order, starts, ends = _segments(idx)
+    U = rows.numel()
+    grads = torch.empty((U, d), dtype=torch.float32, device=src.device)
+    sums = torch.empty((U,), dtype=torch.float32, device=src.device)
+    if U > 0:
+        _segment_rows_kernel.launch(
+            (U, triton.cdiv(d, _SEGMENT_BLOCK_D)), src.device,
+            coeff.contiguous(), order, starts, ends, src.contiguous(), grads, sums, k, d,
+            BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D, num_warps=_SEGMENT_WARPS,
+        )
+    return rows, grads, sums
 
 
 # --------------------------------------------------------------------------- ahead-of-time specs
@@ -522,7 +574,7 @@ class KernelSpec:
     """
 
     label: str
-    kernel: Any
+    kernel: Kernel
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int
@@ -569,17 +621,17 @@ def _gather_spec(dtype: torch.dtype) -> KernelSpec:
     )
 
 
-def _segment_spec(dtype: torch.dtype, scatter: bool) -> KernelSpec:
+def _segment_spec(dtype: torch.dtype) -> KernelSpec:
     t = _TORCH_TO_TRITON[dtype]
     return KernelSpec(
-        label="segment_rows_dense" if scatter else "segment_rows",
+        label="segment_rows",
         kernel=_segment_rows_kernel,
-        signature={"Coeff": "*fp32", "Order": "*i64", "Starts": "*i64", "Ends": "*i64", "Rows": "*i64",
+        signature={"Coeff": "*fp32", "Order": "*i64", "Starts": "*i64", "Ends": "*i64",
                    "Src": f"*{t}", "Out": "*fp32", "Sums": "*fp32", "k": "i32", "d": "i32",
-                   "SCATTER": "constexpr", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
-        constexprs={"SCATTER": scatter, "BLOCK_P": _SEGMENT_BLOCK_P, "BLOCK_D": _SEGMENT_BLOCK_D},
+                   "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_P": _SEGMENT_BLOCK_P, "BLOCK_D": _SEGMENT_BLOCK_D},
         num_warps=_SEGMENT_WARPS,
-        divisible=("Coeff", "Order", "Starts", "Ends", "Rows", "Src", "Out", "Sums", "k", "d"),
+        divisible=("Coeff", "Order", "Starts", "Ends", "Src", "Out", "Sums", "k", "d"),
     )
 
 
@@ -592,22 +644,17 @@ AOT_SPECS: list[tuple[str, KernelSpec]] = [
         _encode_spec(dtype, 32),
         _decode_spec(dtype),
         _gather_spec(dtype),
-        _segment_spec(dtype, scatter=False),
-        _segment_spec(dtype, scatter=True),
+        _segment_spec(dtype),
     )
 ] + [(name, _encode_spec(dtype, k)) for k in (128, 256)
      for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))]
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> Any:
-    """Compile ``spec`` for ``sm_<arch>`` (90 builds sm_90a) without a GPU.
-
-    Needs ``TRITON_INTERPRET`` unset when ``triton`` was imported, so that the
-    kernels are real ``JITFunction`` objects.
-    """
+    """Compile ``spec`` for ``sm_<arch>`` (90 builds sm_90a) without a GPU."""
     from triton.backends.compiler import GPUTarget
 
-    kernel = spec.kernel
+    kernel = spec.kernel.compiled
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
     src = triton.compiler.ASTSource(fn=kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -667,7 +714,5 @@ def format_resource_table(table: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("unset TRITON_INTERPRET to compile kernels ahead of time")
     rows = resource_table()
     print(json.dumps(rows) if "--json" in sys.argv[1:] else format_resource_table(rows))

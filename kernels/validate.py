@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Largest k the fused Triton encoder keeps in registers (its padded k, the next power of two,
+# must be <= 256). Here so that checking k does not import triton.
+MAX_TRITON_K = 256
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

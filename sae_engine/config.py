@@ -104,7 +104,8 @@ class TrainConfig:
 
     backend: str = "torch"  # "torch" or "jax"
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    precision: str = "auto"  # "auto" (bf16 compute), "bf16" or "fp32"
+    precision: str = "auto"  # "auto" (bf16 where the hardware has bf16 units, else fp32), "bf16" or "fp32"
+    precision_resolved: str | None = None  # the compute dtype a run uses: set at its start, kept on resume
     batch_size: int = 4096
     max_tokens: int | None = None  # None = until the data ends
     lr: float | None = None  # None = 2e-4 / sqrt(n_latents / 16384), as Gao et al. scale it
@@ -174,6 +175,13 @@ class RunConfig:
             fail("model.d_out", m.d_out, "must be a positive integer or absent")
         if m.skip_connection and not m.is_transcoder:
             fail("model.skip_connection", True, "needs a transcoder (set model.d_out)")
+        if m.multi_topk and m.kind == "batchtopk":
+            fail("model.multi_topk", True, "is defined for model.kind = 'topk' (a fixed k per row); "
+                 "BatchTopK's L0 is set by its learned threshold at inference")
+        if m.batchtopk_row_cap is not None and not (isinstance(m.batchtopk_row_cap, int) and m.batchtopk_row_cap >= m.k):
+            fail("model.batchtopk_row_cap", m.batchtopk_row_cap, f"must be an integer >= model.k = {m.k}, or absent")
+        if m.k_aux is not None and not (isinstance(m.k_aux, int) and m.k_aux >= 1):
+            fail("model.k_aux", m.k_aux, "must be a positive integer or absent")
         choices = {
             "model.kind": (m.kind, ("topk", "batchtopk")),
             "model.normalize": (m.normalize, ("dataset", "layernorm", "none")),
@@ -182,6 +190,7 @@ class RunConfig:
             "train.backend": (t.backend, ("torch", "jax")),
             "train.device": (t.device, ("auto", "cpu", "cuda")),
             "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+            "train.precision_resolved": (t.precision_resolved, (None, "bf16", "fp32")),
             "train.decay": (t.decay, ("constant", "linear", "cosine")),
             "train.optimizer": (t.optimizer, ("adam", "row_sparse_adam")),
         }

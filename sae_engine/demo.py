@@ -24,7 +24,7 @@ LAYER = 4
 DEFAULT_PROTEINS = 1000
 MIN_LENGTH, MAX_LENGTH = 50, 1000
 K = 32
-PROTEIN_LATENTS, PROTEIN_K, PROTEIN_EPOCHS = 512, 8, 30
+PROTEIN_LATENTS, PROTEIN_K, PROTEIN_EPOCHS = 256, 16, 60  # 512 latents, k=8: a quarter dead, the same terms
 REFERENCE = "neurons"  # the family every other one is compared with at matched counts
 
 

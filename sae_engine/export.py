@@ -3,7 +3,8 @@
 The native format is the latest checkpoint's ``model.safetensors`` as one file: the same keys
 (``param.*``, ``buffer.in_scale``, ``buffer.out_scale``, ``buffer.batchtopk_threshold``), with
 the run's config as JSON in the file's metadata (key ``config``) and the step (key ``step``).
-Runs are read by :func:`sae_engine.runs.load_run_weights`, single-process and sharded alike.
+A sharded run is streamed into that file shard by shard (:mod:`sae_engine.parallel.export`); the
+peer formats read runs whole through :func:`sae_engine.runs.load_run_weights`.
 """
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], out: Path, metada
 
 def export_native(run_dir: str | Path, out: str | Path) -> Path:
     """The latest checkpoint's model tensors as one safetensors file at ``out``."""
-    weights = load_run_weights(run_dir)
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; the native export is one file (e.g. {out / 'model.safetensors'})")
+    from .parallel.export import export_if_sharded
+
+    if export_if_sharded(run_dir, out):  # a sharded run, streamed shard by shard
+        return out
+    weights = load_run_weights(run_dir)
     write_safetensors_atomic(weights.tensors, out, {"config": json.dumps(weights.config, sort_keys=True),
                                                     "step": str(weights.step)})
     return out

@@ -6,7 +6,8 @@ Model (``SparseAutoencoder``, shapes in latents n, input width d_in, target widt
     never sees: ``LatentStat``s since_fired [n + 1], fire_count [n + 1] (int32; slot n absorbs
     empty and zero-valued code slots) and batchtopk_threshold [], and ``DataScale``s in_scale [],
     out_scale []. Codes and losses (FVU, Multi-TopK, AuxK) are those of ``TorchSAE``, computed
-    with ``sae_kernels.jax``, whose custom VJPs make the backward sparse.
+    with ``sae_kernels.jax``, whose custom VJPs make the backward sparse. The contract, the code
+    widths and the compute precision are ``sae_engine.backend``'s.
 
 Optimizer: ``optax.chain(clip_by_global_norm, scale_by_adam)`` with the learning rate applied
 per step, i.e. ``optax.adam``'s rule. Row-sparse Adam keeps static shapes: ``row_sparse_adam``
@@ -26,6 +27,7 @@ parameters stay replicated and XLA inserts the reductions, so results equal one 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -38,8 +40,10 @@ from flax import nnx
 
 from sae_kernels import jax as kernels
 
+from .backend import code_width, selection_width
 from .config import ModelConfig, RunConfig, TrainConfig
 from .init import geometric_median, mean_squared_norm_scale
+from .precision import resolve_precision
 
 EMPTY = kernels.EMPTY
 ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
@@ -129,8 +133,9 @@ class SparseAutoencoder(nnx.Module):
         return self.W_enc[...].astype(cd), self.b_enc[...].astype(cd), self.W_dec[...].astype(cd)
 
     def encode(self, xn: jax.Array, training: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Sparse code of normalised input xn [B, d_in]. -> values [B, k'], indices [B, k'], encoder
-        input [B, d_in]; k' = k (4k with Multi-TopK; row_cap for BatchTopK, with empty slots).
+        """Sparse code of normalised input xn [B, d_in]. -> values [B, w], indices [B, w], encoder
+        input [B, d_in]; w = ``selection_width`` in training (the Multi-TopK code's first k
+        slots are the main code), ``code_width`` at inference (BatchTopK: with empty slots).
 
         BatchTopK keeps the B*k largest values in training, moving the inference threshold
         towards the smallest kept positive value; at inference it keeps those above the threshold.
@@ -138,8 +143,8 @@ class SparseAutoencoder(nnx.Module):
         m = self.config
         x_c = xn if m.is_transcoder else xn - self.b_dec[...]
         W_enc, b_enc, _ = self._weights()
-        k_code = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
-        values, indices = kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, min(k_code, m.n_latents))
+        width = selection_width(m) if training else code_width(m)
+        values, indices = kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, width)
         if m.kind == "batchtopk":
             threshold = self.batchtopk_threshold[...]
             if training:
@@ -156,9 +161,10 @@ class SparseAutoencoder(nnx.Module):
         return values, indices, x_c
 
     def decode(self, values: jax.Array, indices: jax.Array, xn: jax.Array) -> jax.Array:
-        """Code values/indices [B, k'] (and normalised input xn [B, d_in]) -> fp32 [B, d_out]."""
+        """Code values/indices [B, w] (and normalised input xn [B, d_in]) -> the prediction in the
+        normalised target space, fp32 [B, d_out]."""
         _, _, W_dec = self._weights()
-        out = kernels.sparse_decode(values, indices, W_dec).astype(jnp.float32) + self.b_dec[...]
+        out = kernels.sparse_decode(values.astype(W_dec.dtype), indices, W_dec).astype(jnp.float32) + self.b_dec[...]
         if self.W_skip is not None:
             out = out + xn @ self.W_skip[...].T
         return out
@@ -251,18 +257,78 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformationExtraArgs:
     return optax.chain(*clip, adam)
 
 
-class JaxSAE:
-    """TopK / BatchTopK SAE or transcoder trained with JAX; the interface of ``TorchSAE``."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _train_step(
+    graphdef: nnx.GraphDef, train: TrainConfig, state: nnx.State, opt_state: optax.OptState, x: jax.Array,
+    y: jax.Array, lr: jax.Array, aux_active: bool,
+) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
+    """The compiled training step of a model (``graphdef`` and its ``state``) and optimizer
+    (``make_optimizer(train)`` and its state) on a batch x [B, d_in], y [B, d_out]. ->
+    (the new state, the new optimizer state, metrics). The static arguments hash by value, so
+    backends with equal configs share one compilation."""
+    tx = make_optimizer(train)
+    model = nnx.merge(graphdef, state)
+    xn, yn = model.normalize(x, model.in_scale), model.normalize(y, model.out_scale)
+    # Gradients w.r.t. the Params; the BatchTopK threshold the forward moves is kept too.
+    grad_fn = nnx.value_and_grad(lambda mod: mod.loss(xn, yn, aux_active), argnums=nnx.DiffState(0, nnx.Param),
+                                 has_aux=True)
+    (loss, aux), grads = grad_fn(model)
+    grads = nnx.to_pure_dict(grads)
+    # Projection before clipping, so the clipped norm is that of the gradient Adam sees.
+    grads["W_dec"] = model.project_decoder_grad(grads["W_dec"])
+    params = model.params()
+    touched = None
+    if train.optimizer == "row_sparse_adam":
+        # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
+        n, code = model.config.n_latents, aux["code_indices"]
+        touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
+        updates, opt_state = tx.update(grads, opt_state, params, touched=touched)
+    else:
+        updates, opt_state = tx.update(grads, opt_state, params)
+    model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
+    model.renormalize_decoder(touched)
+    model.track_firing(aux["values"], aux["indices"], x.shape[0])
+    l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
+    metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
+    return nnx.state(model), opt_state, metrics
 
-    def __init__(self, config: RunConfig, device: Any = None) -> None:
+
+@functools.cache
+def _hashable(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"__hash__": lambda self: hash(dataclasses.astuple(self))})
+
+
+def _static(config: Any) -> Any:
+    """A copy of a config dataclass that hashes by value (static data of compiled functions)."""
+    return _hashable(type(config))(**dataclasses.asdict(config))
+
+
+def _device_precision(requested: str) -> str:
+    """``resolve_precision`` for JAX's default device (a GPU's capability as JAX reports it)."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        major, minor = str(device.compute_capability).split(".")
+        return resolve_precision(requested, "cuda", cuda_capability=(int(major), int(minor))).dtype
+    return resolve_precision(requested, device.platform).dtype
+
+
+class JaxSAE:
+    """TopK / BatchTopK SAE or transcoder trained with JAX on its default device
+    (``sae_engine.backend.SAEBackend``)."""
+
+    def __init__(self, config: RunConfig, precision: str | None = None) -> None:
+        """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
+        decided for JAX's default device (``sae_engine.precision``)."""
         self.config = config
-        compute_dtype = jnp.float32 if config.train.precision == "fp32" else jnp.bfloat16
-        model = SparseAutoencoder(config.model, config.train.seed, compute_dtype)
+        self.precision = precision or _device_precision(config.train.precision)
+        compute_dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
+        model = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype)
         # Held split, so a step passes the state to the compiled function without walking the module.
         self.graphdef, self.state = nnx.split(model)
-        self.tx = make_optimizer(config.train)
-        self.opt_state = self.tx.init(model.params())
+        self._train = _static(config.train)
+        self.opt_state = make_optimizer(self._train).init(model.params())
         self.aux_active = False  # see TorchSAE.aux_active
+        self._placement: jax.sharding.Sharding | None = None  # where the state was last placed
 
     @property
     def model(self) -> SparseAutoencoder:
@@ -272,6 +338,7 @@ class JaxSAE:
     def _store(self, model: SparseAutoencoder) -> None:
         # Whether merge shares Variables with the state it came from is Flax's detail: re-split.
         self.state = nnx.state(model)
+        self._placement = None
 
     @property
     def params(self) -> Params:
@@ -307,36 +374,6 @@ class JaxSAE:
 
     # -- the training step ---------------------------------------------------------------------
 
-    @functools.partial(jax.jit, static_argnums=(0, 6))
-    def _step(
-        self, state: nnx.State, opt_state: optax.OptState, x: jax.Array, y: jax.Array, lr: jax.Array, aux_active: bool
-    ) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
-        t = self.config.train
-        model = nnx.merge(self.graphdef, state)
-        xn, yn = model.normalize(x, model.in_scale), model.normalize(y, model.out_scale)
-        # Gradients w.r.t. the Params; the BatchTopK threshold the forward moves is kept too.
-        grad_fn = nnx.value_and_grad(lambda mod: mod.loss(xn, yn, aux_active), argnums=nnx.DiffState(0, nnx.Param),
-                                     has_aux=True)
-        (loss, aux), grads = grad_fn(model)
-        grads = nnx.to_pure_dict(grads)
-        # Projection before clipping, so the clipped norm is that of the gradient Adam sees.
-        grads["W_dec"] = model.project_decoder_grad(grads["W_dec"])
-        params = model.params()
-        touched = None
-        if t.optimizer == "row_sparse_adam":
-            # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
-            n, code = self.config.model.n_latents, aux["code_indices"]
-            touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
-            updates, opt_state = self.tx.update(grads, opt_state, params, touched=touched)
-        else:
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-        model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
-        model.renormalize_decoder(touched)
-        model.track_firing(aux["values"], aux["indices"], x.shape[0])
-        l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
-        metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
-        return nnx.state(model), opt_state, metrics
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, jax.Array]:
         """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out] torch tensors."""
         xj = to_jax(x)
@@ -344,8 +381,14 @@ class JaxSAE:
 
     def train_step_arrays(self, xj: jax.Array, yj: jax.Array, lr: float) -> dict[str, jax.Array]:
         """``train_step`` on JAX arrays, which may be sharded over a mesh (see ``shard_batch``)."""
-        self.state, self.opt_state, metrics = self._step(
-            self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
+        # Place the state as the step returns it (replicated over the batch's devices): arrays
+        # made fresh (initialisation, loading, reset counters) would compile the step once more.
+        placement = _replicated(xj.sharding)
+        if placement != self._placement:
+            self.state, self.opt_state = jax.device_put((self.state, self.opt_state), placement)
+            self._placement = placement
+        self.state, self.opt_state, metrics = _train_step(
+            self.graphdef, self._train, self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
         )
         return metrics
 
@@ -353,11 +396,9 @@ class JaxSAE:
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data x [B, d_in], y [B, d_out] (BatchTopK by its threshold)."""
-        m, model = self.config.model, self.model
+        model = self.model
         xn, yn = model.normalize(to_jax(x), model.in_scale), model.normalize(to_jax(y), model.out_scale)
         values, indices, _ = model.encode(xn, training=False)
-        if m.multi_topk and m.kind == "topk":
-            values, indices = values[:, : m.k], indices[:, : m.k]
         recon = model.decode(values, indices, xn)
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
         return {
@@ -366,10 +407,30 @@ class JaxSAE:
         }
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code of raw activations x [B, d_in]. -> values, indices [B, k'] (torch, int64)."""
+        """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64 (torch)."""
         model = self.model
         values, indices, _ = model.encode(model.normalize(to_jax(x), model.in_scale), training=False)
         return to_torch(values.astype(jnp.float32)), to_torch(indices).long()
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction from a code [B, w] of raw x [B, d_in], in the target's raw scale. -> [B, d_out] fp32."""
+        m, model = self.config.model, self.model
+        if m.normalize == "layernorm" and m.is_transcoder:
+            raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
+                             "their raw scale is unknown")
+        xj = to_jax(x).astype(jnp.float32)
+        out = model.decode(to_jax(values), to_jax(indices.long()), model.normalize(xj, model.in_scale))
+        if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
+            out = out * jnp.sqrt(xj.var(axis=1, keepdims=True) + 1e-5) + xj.mean(axis=1, keepdims=True)
+        else:
+            out = out / model.out_scale[...]
+        return to_torch(out)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """An SAE's reconstruction of raw x [B, d_in], in x's own scale. -> [B, d_in] fp32."""
+        if self.config.model.is_transcoder:
+            raise ValueError("a transcoder predicts another layer; reconstruct() is for SAEs (use decode())")
+        return self.decode(*self.encode(x), x)
 
     def latent_stats(self, tokens: int) -> dict[str, float]:
         """Dead and dense fractions (host sync); resets the firing counts of the window."""
@@ -413,7 +474,15 @@ class JaxSAE:
             mu={name: j(f"adam.m.{name}") for name in names},
             nu={name: j(f"adam.v.{name}") for name in names},
         )
+        self._placement = None
         self.aux_active = aux_active
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A sharding that replicates over the devices of ``sharding`` (a batch's)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
 
 
 def shard_batch(batch: jax.Array, mesh: jax.sharding.Mesh, axis: str = "data") -> jax.Array:

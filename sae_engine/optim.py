@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adam import adam as functional_adam
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup: int, decay: str, decay_start: float) -> float:
@@ -33,8 +34,11 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: int, decay: 
 class Adam:
     """Adam over named fp32 tensors; moments live beside the parameters (same device).
 
-    ``step`` takes dense gradients; ``step_rows`` takes row-sparse ones for ``[n, ...]``
-    parameters (rows unique). Both count the same global step for bias correction.
+    ``step`` takes dense gradients for several parameters at once; ``step_rows`` takes
+    row-sparse ones for an ``[n, ...]`` parameter (rows unique). Both count the same global step
+    for bias correction. The update is torch's fused Adam kernel, through its public functional
+    entry ``torch.optim.adam.adam``
+    (``fused=True``).
     """
 
     def __init__(self, params: dict[str, torch.Tensor], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -48,23 +52,28 @@ class Adam:
         """Advance the shared step counter once per optimisation step."""
         self.count += 1
 
-    def _fused(self, p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float) -> None:
-        """One pass over the tensors (torch's fused Adam kernel: the same rule as optax.adam)."""
-        step = torch.tensor(float(self.count), device=p.device)
-        torch._fused_adam_(
-            [p], [grad], [m], [v], [], [step], lr=lr, beta1=self.b1, beta2=self.b2,
-            weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+    def _update(self, params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                v: list[torch.Tensor], lr: float) -> None:
+        """One fused pass over each tensor, at the shared step ``count``."""
+        # The functional API advances each step tensor before using it: hand it count - 1.
+        steps = [torch.tensor(float(self.count - 1), device=p.device) for p in params]
+        functional_adam(
+            params, grads, m, v, [], steps, fused=True,
+            amsgrad=False, beta1=self.b1, beta2=self.b2, lr=lr, weight_decay=0.0, eps=self.eps, maximize=False,
         )
 
-    def step(self, name: str, grad: torch.Tensor, lr: float) -> None:
-        """Dense update of parameter ``name`` with ``grad`` (same shape)."""
-        self._fused(self.params[name], grad.contiguous(), self.m[name], self.v[name], lr)
+    def step(self, grads: dict[str, torch.Tensor], lr: float) -> None:
+        """Dense update of each named parameter with its gradient (same shape)."""
+        names = list(grads)
+        self._update([self.params[n] for n in names], [grads[n].contiguous() for n in names],
+                     [self.m[n] for n in names], [self.v[n] for n in names], lr)
 
     def step_rows(self, name: str, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """Update only ``rows`` of parameter ``name``; grad: [U, ...] for those rows."""
+        # Hand-written: no kept optimizer library updates a row subset and leaves the rest's moments alone.
         p, m, v = self.params[name], self.m[name], self.v[name]
         p_rows, m_rows, v_rows = p[rows], m[rows], v[rows]
-        self._fused(p_rows, grad.contiguous(), m_rows, v_rows, lr)
+        self._update([p_rows], [grad.contiguous()], [m_rows], [v_rows], lr)
         p.index_copy_(0, rows, p_rows)
         m.index_copy_(0, rows, m_rows)
         v.index_copy_(0, rows, v_rows)

@@ -44,21 +44,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _sharded_model_tensors(path: Path, n_latents: int) -> dict[str, torch.Tensor]:
-    """The model tensors of sharded checkpoint ``path``, every rank's rows joined."""
-    import torch.distributed.checkpoint as dcp
+def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint ``path``'s model file, or its sharded model tensors with every rank's rows joined."""
+    if not (path / "dcp").is_dir():
+        return load_file(str(path / "model.safetensors"))
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .parallel.checkpoint import load_rows
+    from .parallel.export import read_sharded
 
-    stored = dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-    like = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in stored.items()
-            if key.startswith(MODEL_KEYS_PREFIXES) and isinstance(meta, TensorStorageMetadata)}
     try:
-        return load_rows(path, like, n_latents, None)
-    except CheckpointException as error:  # a BaseException: would pass every `except Exception`
-        raise RunError(f"cannot read the model of checkpoint {path}: {error}") from None
+        return read_sharded(path)[0]
+    except CheckpointException as error:  # a BaseException, which `except Exception` would miss
+        raise ValueError(str(error)) from None
 
 
 def load_run_weights(run_dir: str | Path) -> RunWeights:
@@ -71,10 +68,7 @@ def load_run_weights(run_dir: str | Path) -> RunWeights:
         raise RunError(f"{run_dir} holds no checkpoint (no {run_dir / 'checkpoints' / 'latest'})")
     meta = _read_meta(path)
     try:
-        if (path / "dcp").is_dir():
-            tensors = _sharded_model_tensors(path, int(meta["config"]["model"]["n_latents"]))
-        else:
-            tensors = load_file(str(path / "model.safetensors"))
+        tensors = _model_tensors(path)
     except (OSError, RuntimeError, SafetensorError, ValueError) as error:
         raise RunError(f"cannot read the model of checkpoint {path}: {error}") from error
     model = {name: t for name, t in tensors.items() if name.startswith(MODEL_KEYS_PREFIXES)}

@@ -7,7 +7,7 @@ Model (all shapes in latents n, input width d_in, target width d_out):
     transcoder: z = TopK(W_enc x + b_enc);            y_hat = W_dec^T z + b_dec (+ W_skip x)
 Losses: FVU (squared error over the target's total variance); AuxK on dead latents (reconstruct
 the residual with the top ``k_aux`` dead latents, Gao et al. 2024; zero when none is dead);
-optional Multi-TopK at 4k.
+optional Multi-TopK at 4k. Code widths and the rest of the contract: ``sae_engine.backend``.
 BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row's top
 ``row_cap`` candidates, so no [B, n] tensor is built.
 
@@ -21,9 +21,11 @@ import torch
 import sae_kernels
 from sae_kernels import EMPTY, RowSparseGrad
 
+from .backend import code_width, selection_width
 from .config import RunConfig
 from .init import geometric_median, layer_normalize, mean_squared_norm_scale
 from .optim import Adam
+from .precision import resolve_precision
 
 ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
 
@@ -44,13 +46,18 @@ def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 class TorchSAE:
-    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device."""
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device
+    (``sae_engine.backend.SAEBackend``)."""
 
-    def __init__(self, config: RunConfig, device: torch.device, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: RunConfig, device: torch.device, precision: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
+        decided for ``device`` (``sae_engine.precision``)."""
         self.config = config
         self.device = device
         m = config.model
-        self.compute_dtype = torch.float32 if config.train.precision == "fp32" else torch.bfloat16
+        self.precision = precision or resolve_precision(config.train.precision, device.type).dtype
+        self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         gen = generator or torch.Generator().manual_seed(config.train.seed)
         n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
         W_dec = torch.randn(n, d_out, generator=gen)
@@ -122,11 +129,12 @@ class TorchSAE:
         return self.params["W_enc"].to(cd), self.params["b_enc"].to(cd), self.params["W_dec"].to(cd)
 
     def _encode(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, training: bool):
-        """Sparse code of the encoder input. -> values [B, k'], indices [B, k'] (k' >= k)."""
+        """Sparse code of the encoder input, in the compute dtype. -> values, indices [B, w]:
+        w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
+        code), ``code_width`` at inference."""
         m = self.config.model
-        kind_k = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
-        kind_k = min(kind_k, m.n_latents)
-        values, indices = sae_kernels.topk_encode(x_c.to(self.compute_dtype), W_enc, b_enc, kind_k)
+        width = selection_width(m) if training else code_width(m)
+        values, indices = sae_kernels.topk_encode(x_c.to(self.compute_dtype), W_enc, b_enc, width)
         if m.kind == "batchtopk":
             values, indices = self._batch_topk(values, indices, training)
         return values, indices
@@ -147,33 +155,39 @@ class TorchSAE:
         return values * keep, indices.masked_fill(~keep, EMPTY)
 
     def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
-        out = sae_kernels.sparse_decode(values, indices, W_dec).float() + self.params["b_dec"]
+        """Prediction in the normalised target space. -> [B, d_out] fp32."""
+        out = sae_kernels.sparse_decode(values.to(W_dec.dtype), indices, W_dec).float() + self.params["b_dec"]
         if "W_skip" in self.params:
             out = out + xn @ self.params["W_skip"].T
         return out
 
+    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse code of raw activations x [B, d_in] (inference). -> values, indices [B, k']."""
+        """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64."""
         xn = self._norm_in(x.to(self.device))
         W_enc, b_enc, _ = self._weights()
-        return self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+        return values.float(), indices
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """An SAE's reconstruction of raw activations x [B, d_in], in x's own scale. -> [B, d_in] fp32."""
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction from a code [B, w] of raw x [B, d_in], in the target's raw scale. -> [B, d_out] fp32."""
         m = self.config.model
-        if m.is_transcoder:
-            raise ValueError("a transcoder predicts another layer; reconstruct() is for SAEs")
+        if m.normalize == "layernorm" and m.is_transcoder:
+            raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
+                             "their raw scale is unknown")
         x = x.to(self.device).float()
-        xn = self._norm_in(x)
         _, _, W_dec = self._weights()
-        values, indices = self.encode(x)
-        if m.multi_topk and m.kind == "topk":
-            values, indices = values[:, : m.k], indices[:, : m.k]
-        recon = self._decode(values, indices, W_dec, xn)
+        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self._norm_in(x))
         if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
-            return recon * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
-        return recon / self.buffers["in_scale"]
+            return out * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
+        return out / self.buffers["out_scale"]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """An SAE's reconstruction of raw x [B, d_in], in x's own scale. -> [B, d_in] fp32."""
+        if self.config.model.is_transcoder:
+            raise ValueError("a transcoder predicts another layer; reconstruct() is for SAEs (use decode())")
+        return self.decode(*self.encode(x), x)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -181,8 +195,6 @@ class TorchSAE:
         xn, yn = self._norm_in(x.to(self.device)), self._norm_out(y.to(self.device))
         W_enc, b_enc, W_dec = self._weights()
         values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
-        if self.config.model.multi_topk and self.config.model.kind == "topk":
-            values, indices = values[:, : self.config.model.k], indices[:, : self.config.model.k]
         recon = self._decode(values, indices, W_dec, xn)
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {
@@ -317,6 +329,7 @@ class TorchSAE:
         opt.begin_step()
         enc, dec = grads["W_enc"], grads["W_dec"]
         row_grads = {"W_enc": (enc.rows, enc.grad), "b_enc": (enc.rows, enc.bias_grad), "W_dec": (dec.rows, dec.grad)}
+        dense = {name: grads[name] for name in ("b_dec", "W_skip") if name in grads}
         for name, (rows, g) in row_grads.items():
             g = g * factor if factor is not None else g
             if t.optimizer == "row_sparse_adam":
@@ -324,11 +337,12 @@ class TorchSAE:
             else:
                 if name not in self._dense_grads:  # reused: fresh large tensors cost page faults
                     self._dense_grads[name] = torch.empty_like(self.params[name])
-                opt.step(name, self._dense_grads[name].zero_().index_copy_(0, rows, g), lr)
-        for name in ("b_dec", "W_skip"):
-            if name in grads:
-                g = grads[name] * factor if factor is not None else grads[name]
-                opt.step(name, g, lr)
+                dense[name] = self._dense_grads[name].zero_().index_copy_(0, rows, g)
+        if factor is not None:
+            for name in ("b_dec", "W_skip"):
+                if name in dense:
+                    dense[name] = dense[name] * factor
+        opt.step(dense, lr)
         W_dec = self.params["W_dec"]
         if t.optimizer == "row_sparse_adam":
             rows = dec.rows

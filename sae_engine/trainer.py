@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .backend import SAEBackend, run_precision
 from .buffer import RingBuffer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
@@ -57,17 +58,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_backend(config: RunConfig, device: torch.device):
+def make_backend(config: RunConfig, device: torch.device, precision: str | None = None) -> SAEBackend:
+    """The backend ``train.backend`` names, computing in ``precision`` ("bf16" or "fp32"; None =
+    ``train.precision`` decided for the device)."""
     if config.train.backend == "torch":
         from .torch_backend import TorchSAE
 
-        return TorchSAE(config, device)
+        return TorchSAE(config, device, precision)
     if device.type != "cpu":
         raise ConfigError("train.backend = 'jax' runs where JAX runs; use train.device = 'cpu' here, "
                           "or a JAX build with GPU support and the default device")
     from .jax_backend import JaxSAE
 
-    return JaxSAE(config)
+    return JaxSAE(config, precision)
+
+
+def _recorded_precision(checkpoint: Path | None) -> str | None:
+    """The compute dtype a run's checkpoint says it started with (None without a checkpoint).
+    Checkpoints from before ``precision_resolved`` computed in bf16 unless fp32 was asked for."""
+    if checkpoint is None:
+        return None
+    train = read_meta(checkpoint)["config"]["train"]
+    return train.get("precision_resolved") or ("fp32" if train["precision"] == "fp32" else "bf16")
 
 
 class _StopFlag:
@@ -144,14 +156,19 @@ class Trainer:
             raise ConfigError(f"the data holds {len(source)} vectors, not more than data.eval_tokens = {d.eval_tokens}")
         self.eval_batch = _read_head(source, d.eval_tokens) if d.eval_tokens else None
         self.train_source = OffsetSource(source, d.eval_tokens)
-        dtype = torch.bfloat16 if self.device.type == "cuda" and config.train.precision != "fp32" else torch.float32
+        precision = run_precision(config.train, self.device.type, _recorded_precision(latest_checkpoint(self.run_dir)))
+        config.train.precision_resolved = precision.dtype  # recorded in config.json and every checkpoint
+        if self.is_main:
+            log.info("computing in %s (%s)", precision.dtype, precision.reason)
+        dtype = torch.bfloat16 if precision.dtype == "bf16" else torch.float32
         self.buffer = RingBuffer(self.train_source, d.buffer_size, dtype=dtype, device=self.device, seed=d.seed)
         available = len(self.train_source)
         budget = min(config.train.max_tokens or available, available)
         self.total_steps = budget // config.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"{budget} training vectors make no full batch of train.batch_size = {config.train.batch_size}")
-        self.backend = make_backend(config, self.device) if self.mesh is None else parallel.parallelize(config, self.mesh)
+        self.backend = (make_backend(config, self.device, precision.dtype) if self.mesh is None
+                        else parallel.parallelize(config, self.mesh))
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.resumed_from: Path | None = None

@@ -99,7 +99,7 @@ def test_length_and_composition_alone_do_not_pass(data):
     units = np.hstack([composition, length])
     result = _run(data, units)
     assert len(result) == 200 and result.passes.sum() <= 10
-    assert result.r2[:180].min() > 0.999 and result.r2[180:].min() > 0.8  # the control explains them
+    assert result.r2[:180].min() > 0.999 and result.r2[180:].min() > 0.7  # the control explains them
 
 
 def test_permuted_heldout_labels_pass_about_nothing(data):
@@ -201,6 +201,7 @@ def test_split_is_seeded_stable_and_stratified():
     for g in range(10):
         members = decile == g
         assert abs(int(a[members].sum()) - int((~a[members]).sum())) <= 1
+    assert abs(int(a.sum()) - int((~a).sum())) <= 1
     source = permutation_within_deciles(lengths, 0)
     assert sorted(source) == list(range(997)) and np.array_equal(decile[source], decile)
     assert (source != np.arange(997)).mean() > 0.8

@@ -18,7 +18,7 @@ import sae_kernels
 from sae_kernels import chunked
 from sae_kernels.reference import EMPTY, sparse_decode_ref, topk_encode_ref
 
-IMPLS = ["chunked", "torch", "triton"]
+IMPLS = ["chunked", "reference", "triton"]
 SHAPES = [  # B, d, n, k: odd sizes, k = 1, k near n, B = 1
     (37, 24, 300, 5),
     (1, 40, 130, 1),
@@ -40,6 +40,29 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+def _assert_matches_reference_order(indices, x, W_enc, b_enc, k, tol=1e-5):
+    """Indices of an fp32-accumulated selection against float64 pre-activations.
+
+    Summation order differs between implementations (and between BLAS builds), so two latents
+    whose pre-activations are within rounding of each other may come in either order. Every
+    slot must hold a latent whose exact pre-activation is within ``tol`` (relative to the sum of
+    absolute products) of the reference's value there, and a slot separated from both
+    neighbours by more than twice that must hold the reference's own latent.
+    """
+    pre = x.double() @ W_enc.double().T + b_enc.double()
+    bound = tol * (x.double().abs() @ W_enc.double().abs().T + b_enc.double().abs()).max().item()
+    top = torch.sort(pre, dim=1, descending=True, stable=True)
+    ref_pre, ref_idx = top.values[:, : k + 1], top.indices[:, :k]
+    assert (pre.gather(1, indices) - ref_pre[:, :k]).abs().max().item() <= bound
+    gaps = (ref_pre[:, :-1] - ref_pre[:, 1:]).abs()  # [B, k]: gap to the next rank
+    if ref_pre.shape[1] == k:  # k == n: the last slot has no next rank
+        gaps = torch.cat([gaps, torch.full_like(gaps[:, :1], float("inf"))], dim=1)
+    before = torch.cat([torch.full_like(gaps[:, :1], float("inf")), gaps[:, :-1]], dim=1)
+    decided = (gaps > 2 * bound) & (before > 2 * bound)
+    assert torch.equal(indices[decided], ref_idx[decided])
+    assert decided.float().mean() > 0.9, "the inputs have too many near-ties to test the order"
+
+
 def _assert_valid_topk(values, indices, x, W_enc, b_enc, k, tol):
     """values/indices form a top-k of the fp32 reference pre-activations, up to tol."""
     pre = x.float() @ W_enc.float().T + b_enc.float()
@@ -56,11 +79,11 @@ def _assert_valid_topk(values, indices, x, W_enc, b_enc, k, tol):
 def test_encode_fp32_matches_reference(impl, B, d, n, k):
     x, W_enc, b_enc, _ = _inputs(B, d, n, torch.float32)
     values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, impl=impl)
-    ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, k)
+    ref_values, _ = topk_encode_ref(x, W_enc, b_enc, k)
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
     assert values.shape == indices.shape == (B, k)
     assert _rel_err(values, ref_values) <= 1e-5
-    assert torch.equal(indices, ref_indices)
+    _assert_matches_reference_order(indices, x, W_enc, b_enc, k)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -72,18 +95,25 @@ def test_encode_bf16_is_a_valid_topk(impl):
     _assert_valid_topk(values, indices, x, W_enc, b_enc, k, tol=2e-2)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+def _tied_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[6, 8] and W_enc[300, 8]: 10 distinct latents repeated 30 times, so every top value is
+    tied 30 ways. Small integers make each pre-activation exact in any summation order (a BLAS
+    may sum the copies of one latent in different orders depending on their position)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (6, 8), generator=g).float()
+    W_enc = torch.randint(-3, 4, (10, 8), generator=g).float().repeat(30, 1)
+    return x, W_enc
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_ties_go_to_the_smaller_index(impl):
-    # 10 distinct latents repeated 30 times: every top value is tied 30 ways.
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 8, generator=g)
-    W_enc = torch.randn(10, 8, generator=g).repeat(30, 1)
+    x, W_enc = _tied_inputs(seed=2)
     b_enc = torch.zeros(300)
     values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, 7, impl=impl)
     ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, 7)
     assert torch.equal(indices, ref_indices)
-    assert _rel_err(values, ref_values) <= 1e-5
-    assert (indices < 70).all()  # the 7 copies of the best latent come from the first 7 blocks
+    assert torch.equal(values, ref_values)
+    assert (indices < 70).all()  # 7 copies of a best latent, all from the first 7 blocks
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -117,7 +147,7 @@ def test_decode_matches_reference(impl, dtype, tol):
 def _grads(fn, x, W_enc, b_enc, W_dec, k, mask, impl):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, W_dec)]
     xx, we, be, wd = leaves
-    if impl == "reference":
+    if impl == "autograd":  # plain torch autograd through the dense reference functions
         values, indices = topk_encode_ref(xx, we, be, k, mask)
         out = sparse_decode_ref(values, indices, wd)
     else:
@@ -135,7 +165,7 @@ def test_gradients_match_reference_fp32(impl, use_mask):
     mask = (torch.arange(n) % 3 == 0) if use_mask else None
     loss = lambda out, xx: ((out - xx) ** 2).sum()  # noqa: E731
     out, grads = _grads(loss, x, W_enc, b_enc, W_dec, k, mask, impl)
-    ref_out, ref_grads = _grads(loss, x, W_enc, b_enc, W_dec, k, mask, "reference")
+    ref_out, ref_grads = _grads(loss, x, W_enc, b_enc, W_dec, k, mask, "autograd")
     assert _rel_err(out, ref_out) <= 1e-5
     for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec"], grads, ref_grads):
         assert got is not None, f"no gradient for {name}"
@@ -156,7 +186,7 @@ def test_gradients_bf16_within_bound(impl):
     assert same_rows.float().mean() > 0.7
     x, ref_x = x[same_rows], x.float()[same_rows]
     _, grads = _grads(loss, x, W_enc, b_enc, W_dec, k, None, impl)
-    _, ref_grads = _grads(loss, ref_x, W_enc.float(), b_enc.float(), W_dec.float(), k, None, "reference")
+    _, ref_grads = _grads(loss, ref_x, W_enc.float(), b_enc.float(), W_dec.float(), k, None, "autograd")
     for name, got, want in zip(["x", "W_enc", "b_enc", "W_dec"], grads, ref_grads):
         assert got.dtype == torch.bfloat16
         assert _rel_err(got, want) <= 3e-2, name
@@ -173,7 +203,7 @@ def test_row_sparse_backward_equals_dense_autograd(impl):
     enc = sae_kernels.topk_encode_backward(dec.dvalues, values, indices, x, W_enc, impl=impl)
     touched = torch.unique(indices)
     assert torch.equal(dec.W_dec.rows, touched) and torch.equal(enc.W_enc.rows, touched)
-    _, ref = _grads(lambda out, xx: (out * grad_out).sum(), x, W_enc, b_enc, W_dec, k, None, "reference")
+    _, ref = _grads(lambda out, xx: (out * grad_out).sum(), x, W_enc, b_enc, W_dec, k, None, "autograd")
     assert _rel_err(enc.dx, ref[0]) <= 1e-5
     assert _rel_err(enc.W_enc.to_dense(n), ref[1]) <= 1e-5
     assert _rel_err(enc.W_enc.bias_grad, ref[2][touched]) <= 1e-5
@@ -198,8 +228,8 @@ def test_chunked_encoder_splits_rows_and_matches(monkeypatch):
     monkeypatch.setattr(chunked, "MIN_CHUNK_ROWS", 1)
     assert chunked.rows_per_chunk(n, B, 4) == 7  # 50 rows -> 8 chunks, the last short
     values, indices = chunked.topk_encode(x, W_enc, b_enc, k)
-    ref_values, ref_indices = topk_encode_ref(x, W_enc, b_enc, k)
-    assert torch.equal(indices, ref_indices) and _rel_err(values, ref_values) <= 1e-6
+    _assert_matches_reference_order(indices, x, W_enc, b_enc, k)
+    assert _rel_err(values, topk_encode_ref(x, W_enc, b_enc, k)[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -233,6 +263,42 @@ def test_encoder_pads_rows_to_whole_groups(extra):
     assert (values[:, 1] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp32_gemm", [True, False])
+def test_chunked_low_precision_gemm_keeps_the_selection_contract(monkeypatch, fp32_gemm, dtype):
+    # Both CPU paths for bf16 / fp16 inputs: the GEMM in fp32 (CPUs without bf16 units) and in
+    # the input dtype (CPUs with them). Outputs keep the input dtype either way.
+    monkeypatch.setattr(chunked, "FP32_GEMM", fp32_gemm)
+    B, d, n, k = 23, 40, 700, 12  # n wide enough for grouped selection
+    x, W_enc, b_enc, _ = _inputs(B, d, n, dtype, seed=21)
+    assert chunked.gemm_dtype(dtype, x.device) == (torch.float32 if fp32_gemm else dtype)
+    values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, impl="chunked")
+    assert values.dtype == dtype and indices.dtype == torch.int64
+    ref_values = topk_encode_ref(x.float(), W_enc.float(), b_enc.float(), k)[0]
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half a unit in the last place
+    if fp32_gemm:
+        # Products of bf16/fp16 numbers are exact in fp32: the fp32 contract on the same inputs,
+        # then one rounding of each value to the input dtype.
+        _assert_matches_reference_order(indices, x.float(), W_enc.float(), b_enc.float(), k)
+        assert ((values.float() - ref_values).abs() <= ulp * ref_values.abs() + 1e-6).all()
+    else:
+        _assert_valid_topk(values, indices, x, W_enc, b_enc, k, tol=2e-2)
+
+
+def test_cpu_gemm_dtype_follows_the_hardware(monkeypatch):
+    from sae_kernels import hardware
+
+    cpu = torch.device("cpu")
+    for flags, bf16_gemm in [({"avx2"}, torch.float32), ({"avx2", "avx512f"}, torch.float32),
+                             ({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16)]:
+        monkeypatch.setattr(hardware, "cpu_info", lambda f=frozenset(flags): hardware.CpuInfo("a CPU", f))
+        assert chunked.gemm_dtype(torch.bfloat16, cpu) == bf16_gemm, flags
+        assert chunked.gemm_dtype(torch.float16, cpu) == torch.float32
+        assert chunked.gemm_dtype(torch.float32, cpu) == torch.float32
+    monkeypatch.setattr(chunked, "FP32_GEMM", False)
+    assert chunked.gemm_dtype(torch.bfloat16, cpu) == torch.bfloat16
+
+
 def test_encoder_results_do_not_alias_its_reused_buffer():
     x, W_enc, b_enc, _ = _inputs(16, 8, 600, torch.float32, seed=16)
     first = chunked.topk_encode(x, W_enc, b_enc, 4)
@@ -251,9 +317,7 @@ def test_encoder_indices_stay_in_range_on_nan_inputs():
 
 
 def test_chunked_ties_keep_exact_values_and_distinct_latents():
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 8, generator=g)
-    W_enc = torch.randn(10, 8, generator=g).repeat(30, 1)
+    x, W_enc = _tied_inputs(seed=2)
     values, indices = sae_kernels.topk_encode(x, W_enc, torch.zeros(300), 7, impl="chunked")
     ref_values, _ = topk_encode_ref(x, W_enc, torch.zeros(300), 7)
     assert torch.equal(values, ref_values)
@@ -262,16 +326,24 @@ def test_chunked_ties_keep_exact_values_and_distinct_latents():
     assert all(len(set(row.tolist())) == 7 for row in indices)
 
 
-def test_inference_calls_skip_the_dispatcher_and_its_dynamo_import():
+def test_a_plain_process_keeps_its_environment_and_never_imports_dynamo():
+    # Every call goes through the custom ops; their first call must not import torch._dynamo.
     script = (
-        "import sys, torch, sae_kernels\n"
+        "import os, sys, torch\n"
+        "before = dict(os.environ)\n"
+        "import sae_kernels, sae_kernels.triton_kernels as tk\n"
+        "assert dict(os.environ) == before, 'importing sae_kernels changed the environment'\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "assert isinstance(tk._encode_topk_kernel.compiled, JITFunction)\n"
         "x, W = torch.randn(4, 8), torch.randn(64, 8)\n"
         "values, indices = sae_kernels.topk_encode(x, W, torch.zeros(64), 3)\n"
         "sae_kernels.sparse_decode(values, indices, W)\n"
-        "assert 'torch._dynamo' not in sys.modules, 'dynamo imported'\n"
+        "t_values, t_indices = sae_kernels.topk_encode(x, W, torch.zeros(64), 3, impl='triton')\n"
+        "assert torch.equal(t_indices, indices), 'interpreted Triton kernel disagrees'\n"
         "W.requires_grad_(True)\n"
         "sae_kernels.topk_encode(x, W, torch.zeros(64), 3)[0].sum().backward()\n"
         "assert W.grad is not None\n"
+        "assert 'torch._dynamo' not in sys.modules, 'dynamo imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -296,12 +368,30 @@ def test_torch_compile_traces_through_the_custom_ops():
     assert torch.allclose(loss, eager) and torch.allclose(grad_compiled, W_enc.grad)
 
 
-def test_custom_op_fake_impls_pass_opcheck():
+@pytest.mark.parametrize("impl", ["chunked", "reference", "triton"])
+def test_every_custom_op_passes_opcheck(impl):
+    # Forward ops with inputs that require grad (their autograd formulas and the backward ops
+    # they call are checked too), and the backward ops on their own.
     B, d, n, k = 4, 8, 32, 3
     x, W_enc, b_enc, W_dec = _inputs(B, d, n, torch.float32, seed=14)
-    torch.library.opcheck(torch.ops.sae_kernels.topk_encode, (x, W_enc, b_enc, k, None, "chunked"))
-    values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k)
-    torch.library.opcheck(torch.ops.sae_kernels.sparse_decode, (values.requires_grad_(), indices, W_dec, "chunked"))
+    ops = torch.ops.sae_kernels
+    grad = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, W_dec)]
+    torch.library.opcheck(ops.topk_encode, (*grad[:3], k, None, impl))
+    torch.library.opcheck(ops.topk_encode, (x, W_enc, b_enc, k, torch.arange(n) % 2 == 0, impl))
+    values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k, impl=impl)
+    indices[0, -1] = EMPTY
+    torch.library.opcheck(ops.sparse_decode, (values.clone().requires_grad_(True), indices, grad[3], impl))
+    g = torch.randn(B, d)
+    torch.library.opcheck(ops.gather_dot, (g, indices, W_dec, impl))
+    torch.library.opcheck(ops.segment_rows, (values, indices, g, impl))
+
+
+def test_triton_with_a_k_beyond_its_registers_is_an_error_not_a_fallback():
+    x, W_enc, b_enc, _ = _inputs(2, 8, 300, torch.float32)
+    with pytest.raises(ValueError, match="impl='triton' keeps at most k=256"):
+        sae_kernels.topk_encode(x, W_enc, b_enc, 257, impl="triton")
+    values, _ = sae_kernels.topk_encode(x, W_enc, b_enc, 257)  # auto picks the chunked path
+    assert values.shape == (2, 257)
 
 
 @pytest.mark.parametrize(

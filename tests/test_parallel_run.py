@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sae_engine.checkpoint import latest_checkpoint
+from sae_engine.cli import main as cli_main
 from sae_engine.config import ConfigError, load_config
 from sae_engine.parallel.checkpoint import load_rows
-from sae_engine.parallel.export import export_sharded
 from sae_engine.parallel.launch import run_local
 from sae_engine.torch_backend import TorchSAE
 from sae_engine.registry import build_source
+from sae_engine.runs import load_trained_sae
 from sae_engine.trainer import Trainer
 
 BATCH = 32
@@ -57,6 +59,16 @@ def _train(overrides: list[str], kill_at: int | None = None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return result.step
+
+
+def _train_each(*runs: list[str]) -> list[int]:
+    """Several runs one after the other in the same processes (one process group)."""
+    steps = []
+    for overrides in runs:
+        config = load_config(None, overrides)
+        steps.append(Trainer(config, build_source(config)).run().step)
+    dist.destroy_process_group()
+    return steps
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -92,11 +104,19 @@ def test_resume_across_meshes_then_export_equals_one_process(tmp_path):
         else:
             torch.testing.assert_close(got[key], value, **TOL, msg=key)
 
-    exported = load_file(export_sharded(latest_checkpoint(run), tmp_path / "sae.safetensors"))
-    model = load_file(latest_checkpoint(single) / "model.safetensors")
+    # `sae-engine export` streams the sharded run into one file like a single-process run's.
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "sae.safetensors")]) == 0
+    assert cli_main(["export", str(single), "--out", str(tmp_path / "single.safetensors")]) == 0
+    exported, model = load_file(tmp_path / "sae.safetensors"), load_file(tmp_path / "single.safetensors")
     assert sorted(exported) == sorted(model)
     for key, value in model.items():
         torch.testing.assert_close(exported[key], value, **TOL, msg=key)
+    with safe_open(str(tmp_path / "sae.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["config"])["parallel"] == {"data": 2, "latent": 2}
+        assert handle.metadata()["step"] == "24"
+    # Analysis loads the sharded run whole.
+    analysed = load_trained_sae(run)
+    torch.testing.assert_close(analysed.params["W_dec"], want["param.W_dec"], **TOL)
 
 
 def test_kill_one_rank_then_resume_is_exact(tmp_path):
@@ -104,8 +124,9 @@ def test_kill_one_rank_then_resume_is_exact(tmp_path):
     with pytest.raises(Exception, match="signal|SIGKILL|exit"):
         run_local(_train, 2, _overrides(killed, 10, latent=2), 8, timeout=120)
     assert json.loads((latest_checkpoint(killed) / "meta.json").read_text())["step"] == 6
-    assert run_local(_train, 2, _overrides(killed, 10, latent=2), timeout=120) == [10, 10]
-    assert run_local(_train, 2, _overrides(clean, 10, latent=2), timeout=120) == [10, 10]
+    resumed_and_clean = run_local(_train_each, 2, _overrides(killed, 10, latent=2), _overrides(clean, 10, latent=2),
+                                  timeout=120)
+    assert resumed_and_clean == [[10, 10], [10, 10]]
     got, want = _state(killed), _state(clean)
     for key, value in want.items():
         assert torch.equal(got[key], value), key

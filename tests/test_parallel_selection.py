@@ -24,18 +24,18 @@ def _cases() -> list[dict]:
     def ints(*shape, low=-1, high=2):
         return torch.randint(low, high, shape, generator=g).float()
 
-    for impl in ("torch", "chunked"):  # random floats: no ties
+    for impl in ("reference", "chunked"):  # random floats: no ties
         cases.append(dict(name=f"random-{impl}", impl=impl, k=8, mask=None, x=torch.randn(48, 24, generator=g),
                           W=torch.randn(103, 24, generator=g), b=torch.randn(103, generator=g)))
-    for impl in ("torch", "triton"):  # small integers: exact ties everywhere
+    for impl in ("reference", "triton"):  # small integers: exact ties everywhere
         cases.append(dict(name=f"ties-{impl}", impl=impl, k=10, mask=None, x=ints(32, 16), W=ints(61, 16), b=ints(61)))
     # Every pre-activation below zero: all values 0, the order comes from the pre-activations.
-    cases.append(dict(name="negative", impl="torch", k=7, mask=None, x=ints(32, 16), W=ints(61, 16),
+    cases.append(dict(name="negative", impl="reference", k=7, mask=None, x=ints(32, 16), W=ints(61, 16),
                       b=ints(61, low=-40, high=-30)))
     mask = torch.zeros(61, dtype=torch.bool)
     mask[[3, 4, 40, 59]] = True  # four eligible latents, on some ranks none
-    cases.append(dict(name="fewer-than-k", impl="torch", k=9, mask=mask, x=ints(32, 16), W=ints(61, 16), b=ints(61)))
-    cases.append(dict(name="k-above-shard", impl="torch", k=6, mask=None, x=ints(20, 16), W=ints(10, 16), b=ints(10)))
+    cases.append(dict(name="fewer-than-k", impl="reference", k=9, mask=mask, x=ints(32, 16), W=ints(61, 16), b=ints(61)))
+    cases.append(dict(name="k-above-shard", impl="reference", k=6, mask=None, x=ints(20, 16), W=ints(10, 16), b=ints(10)))
     return cases
 
 

@@ -65,8 +65,9 @@ def _train(sae, config: RunConfig, rows: slice) -> None:
 def _train_on_meshes(meshes: list[tuple[int, int]], configs: dict[str, RunConfig]) -> dict:
     out = {}
     for data, latent in meshes:
+        # One mesh for every model (the smallest n bounds the latent split).
+        mesh = build_mesh(ParallelConfig(data, latent), min(c.model.n_latents for c in configs.values()), "cpu", timeout_s=60)
         for name, config in configs.items():
-            mesh = build_mesh(ParallelConfig(data, latent), config.model.n_latents, "cpu", timeout_s=60)
             sae = ShardedTorchSAE(config, mesh)
             b = BATCH // data
             _train(sae, config, slice(mesh.data_rank * b, (mesh.data_rank + 1) * b))

@@ -8,7 +8,6 @@ from sae_engine.config import RunConfig
 from sae_engine.init import geometric_median
 from sae_engine.optim import Adam
 from sae_engine.torch_backend import TorchSAE
-from sae_kernels.reference import sparse_decode_ref, topk_encode_ref
 
 
 def _config(**model) -> RunConfig:
@@ -21,28 +20,44 @@ def _config(**model) -> RunConfig:
     return config
 
 
-def _reference_loss(sae: TorchSAE, params: dict[str, torch.Tensor], x, y) -> torch.Tensor:
-    """The same loss, written densely with autograd-friendly reference ops."""
-    m = sae.config.model
-    xn, yn = sae._norm_in(x), sae._norm_out(y)
-    x_c = xn if m.is_transcoder else xn - params["b_dec"]
-    k_code = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
-    values, indices = topk_encode_ref(x_c, params["W_enc"], params["b_enc"], k_code)
+def _code(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense TopK code: the k largest pre-activations per row, ReLU'd, zeros elsewhere. [B, n]."""
+    top = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
 
-    def decode(v, i):
-        out = sparse_decode_ref(v, i, params["W_dec"]) + params["b_dec"]
+
+def _reference_loss(m, params: dict[str, torch.Tensor], dead: torch.Tensor, x, y) -> torch.Tensor:
+    """The training loss written densely in plain torch, for autograd: normalisation, TopK /
+    BatchTopK, Multi-TopK at 4k (weight 1/8), AuxK over the ``dead`` latents."""
+    def normalize(t: torch.Tensor) -> torch.Tensor:
+        if m.normalize == "layernorm":
+            return (t - t.mean(1, keepdim=True)) / (t.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        # "dataset": one scale to unit mean squared norm over the sample (here the batch itself)
+        return t * t.pow(2).sum(1).mean().rsqrt()
+
+    xn, yn = normalize(x), normalize(y)
+    x_c = xn if m.d_out is not None else xn - params["b_dec"]
+    pre = x_c @ params["W_enc"].T + params["b_enc"]
+    if m.kind == "batchtopk":  # the B*k largest of each row's row_cap best
+        candidates = _code(pre, m.row_cap)
+        cutoff = candidates.flatten().topk(x.shape[0] * m.k).values.min()
+        z = candidates * (candidates >= cutoff)
+    else:
+        z = _code(pre, m.k)
+
+    def decode(code: torch.Tensor) -> torch.Tensor:
+        out = code @ params["W_dec"] + params["b_dec"]
         return out + xn @ params["W_skip"].T if "W_skip" in params else out
 
     total_variance = (yn - yn.mean(0)).pow(2).sum()
-    error = decode(values[:, : m.k], indices[:, : m.k]) - yn
+    error = decode(z) - yn
     loss = error.pow(2).sum() / total_variance
     if m.multi_topk:
-        loss = loss + (decode(values, indices) - yn).pow(2).sum() / total_variance / 8
-    dead = sae.buffers["since_fired"][: m.n_latents] > m.dead_tokens
-    aux_v, aux_i = topk_encode_ref(x_c, params["W_enc"], params["b_enc"], m.aux_k, dead)
+        loss = loss + (decode(_code(pre, 4 * m.k)) - yn).pow(2).sum() / total_variance / 8
+    aux_z = _code(pre.masked_fill(~dead, -torch.inf), m.aux_k)
     residual = error.detach()
-    aux = (sparse_decode_ref(aux_v, aux_i, params["W_dec"]) - residual).pow(2).sum()
-    return loss + dead.any() * m.aux_coef * aux / (residual - residual.mean(0)).pow(2).sum()
+    aux = (aux_z @ params["W_dec"] - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    return loss + m.aux_coef * aux
 
 
 @pytest.mark.parametrize(
@@ -52,29 +67,31 @@ def _reference_loss(sae: TorchSAE, params: dict[str, torch.Tensor], x, y) -> tor
         {"multi_topk": True},
         {"d_out": 7, "skip_connection": True},
         {"normalize": "layernorm", "k_aux": 6},
+        {"kind": "batchtopk", "k": 3},
     ],
 )
 def test_sparse_backward_equals_autograd(model):
     config = _config(**model)
     sae = TorchSAE(config, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, config.model.d_in, generator=g)
+    x = 2.0 + torch.randn(16, config.model.d_in, generator=g)
     y = torch.randn(16, config.model.target_dim, generator=g) if config.model.is_transcoder else x
     sae.initialize(x, y)
     for p in sae.params.values():  # move away from the symmetric init
         p.add_(0.05 * torch.randn(p.shape, generator=g))
-    sae.buffers["since_fired"][:40] = 100  # half the latents are dead
+    n = config.model.n_latents
+    dead = torch.arange(n) < 40  # half the latents are dead
+    sae.buffers["since_fired"][:n][dead] = 100
     sae.aux_active = True
     metrics, grads, _ = sae.loss_and_grads(x, y)
 
     params = {name: p.clone().requires_grad_(True) for name, p in sae.params.items()}
-    loss = _reference_loss(sae, params, x, y)
+    loss = _reference_loss(config.model, params, dead, x, y)
     loss.backward()
     assert torch.allclose(metrics["loss"], loss, rtol=1e-5)
-    n = config.model.n_latents
     W_dec = sae.params["W_dec"]
     ref_dW_dec = params["W_dec"].grad
-    ref_dW_dec = ref_dW_dec - (ref_dW_dec * W_dec).sum(1, keepdim=True) * W_dec
+    ref_dW_dec = ref_dW_dec - (ref_dW_dec * W_dec).sum(1, keepdim=True) * W_dec  # unit-norm rows: tangent part
     expected = {
         "W_enc": (grads["W_enc"].to_dense(n), params["W_enc"].grad),
         "b_enc": (torch.zeros(n).index_copy_(0, grads["W_enc"].rows, grads["W_enc"].bias_grad), params["b_enc"].grad),
@@ -92,13 +109,15 @@ def test_batchtopk_keeps_b_times_k_and_learns_a_threshold():
     sae = TorchSAE(config, torch.device("cpu"))
     x = torch.randn(10, config.model.d_in, generator=torch.Generator().manual_seed(2))
     sae.initialize(x, x)
-    W_enc, b_enc, _ = sae._weights()
-    values, indices = sae._encode(sae._encoder_input(sae._norm_in(x)), W_enc, b_enc, training=True)
+    _, _, (values, indices) = sae.loss_and_grads(x, x)  # the training code
     assert values.shape[1] == config.model.row_cap == 12
     assert (values > 0).sum() <= 30 and (indices >= 0).sum() == 30
-    assert sae.buffers["batchtopk_threshold"] > 0
-    values_inf, _ = sae.encode(x)
-    assert ((values_inf == 0) | (values_inf >= sae.buffers["batchtopk_threshold"])).all()
+    threshold = sae.state_tensors()["buffer.batchtopk_threshold"]
+    assert threshold > 0
+    values_inf, indices_inf = sae.encode(x)
+    assert values_inf.shape[1] == 12
+    assert ((values_inf == 0) | (values_inf >= threshold)).all()
+    assert ((indices_inf >= 0) == (values_inf >= threshold)).all()
 
 
 def test_row_sparse_adam_moves_touched_rows_like_dense_adam_and_freezes_the_rest():
@@ -111,7 +130,7 @@ def test_row_sparse_adam_moves_touched_rows_like_dense_adam_and_freezes_the_rest
         grad = torch.randn(2, 4, generator=g)
         dense.begin_step()
         sparse.begin_step()
-        dense.step("w", torch.zeros(6, 4).index_copy_(0, rows, grad), lr=0.1)
+        dense.step({"w": torch.zeros(6, 4).index_copy_(0, rows, grad)}, lr=0.1)
         sparse.step_rows("w", rows, grad, lr=0.1)
     assert torch.allclose(sparse.params["w"][rows], dense.params["w"][rows])
     untouched = torch.tensor([0, 2, 3, 5])
@@ -132,7 +151,7 @@ def test_adam_matches_optax():
     for _ in range(5):
         grad = torch.randn(5, 3, generator=g)
         ours.begin_step()
-        ours.step("w", grad, 1e-2)
+        ours.step({"w": grad}, 1e-2)
         updates, state = opt.update(jnp.asarray(grad.numpy()), state, params)
         params = params + updates
     assert np.allclose(ours.params["w"].numpy(), np.asarray(params), rtol=1e-5, atol=1e-7)

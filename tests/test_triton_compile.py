@@ -7,14 +7,13 @@ interpreter cannot: kernels that do not build, that spill registers to local
 memory, or whose GEMM lost the tensor-core path. Run with ``pytest -s`` to see
 the resource table.
 
-Compilation runs in a subprocess with ``TRITON_INTERPRET`` unset, because in
-this process the interpreter tests need the kernels as interpreted functions.
+Compilation runs in a subprocess (``python -m sae_kernels.triton_kernels --json``),
+which keeps the compiler's memory out of the test process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +32,9 @@ pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton wheel wit
 
 @pytest.fixture(scope="module")
 def resource_rows() -> list[dict[str, Any]]:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, triton_kernels.__file__, "--json"],
-        env=env, capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "sae_kernels.triton_kernels", "--json"],
+        capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -27,13 +27,14 @@ def stratified_split(lengths: np.ndarray, seed: int) -> np.ndarray:
     """``[P]`` bool, True for discovery: a seeded half of every length decile (the other half is held out).
 
     Inside each decile the proteins are put in a seeded random order and alternate between the
-    halves, so the halves differ by at most one protein per decile.
+    halves (even deciles start with discovery, odd ones with held out), so the halves differ by at
+    most one protein per decile and at most one overall.
     """
     decile = length_deciles(lengths)
     order = np.lexsort((np.random.default_rng(seed).random(decile.size), decile))
     start = np.searchsorted(decile[order], decile[order], side="left")
     discovery = np.empty(decile.size, dtype=bool)
-    discovery[order] = (np.arange(decile.size) - start) % 2 == 0
+    discovery[order] = (np.arange(decile.size) - start + decile[order]) % 2 == 0  # odd deciles start held out
     return discovery
 
 

@@ -7,7 +7,7 @@ Per row of the batch:
 2. the L*k candidates of all ranks are all-gathered as (key, global index): 12 bytes each;
 3. every rank keeps the same k: keys descending, equal keys by the smaller global index, empty
    slots last. That is ``topk_encode``'s own rule, so the result equals one process's
-   ``topk_encode`` over the whole matrix (with the tie-exact "torch" or "triton" paths);
+   ``topk_encode`` over the whole matrix (with the tie-exact "reference" or "triton" paths);
 4. each rank decodes only the winners it owns and the partial reconstructions are summed.
 
 The key is the pre-activation. ``topk_encode`` returns values after ReLU, which equal the

@@ -25,6 +25,7 @@ import torch
 
 from sae_kernels import RowSparseGrad
 
+from ..backend import code_width, selection_width
 from ..config import RunConfig
 from ..torch_backend import TorchSAE
 from .init_rows import initial_rows
@@ -42,7 +43,7 @@ class ShardedTorchSAE:
         # The plain backend owns its rows only; clipping needs the norm over all shards, so it is done here.
         local = dataclasses.replace(config, model=dataclasses.replace(m, n_latents=self.hi - self.lo),
                                     train=dataclasses.replace(config.train, grad_clip=None))
-        self.plain = TorchSAE(local, mesh.device)
+        self.plain = TorchSAE(local, mesh.device, config.train.precision_resolved)
         rows = initial_rows(m.n_latents, m.d_in, m.target_dim, m.is_transcoder, config.train.seed, self.lo, self.hi)
         for name, value in rows.items():
             self.plain.params[name].copy_(value)
@@ -84,8 +85,8 @@ class ShardedTorchSAE:
         """The global code of the encoder input [b, d_in]. -> values, global indices [b, k']."""
         m = self.config.model
         W_enc, b_enc, _ = self.plain._weights()
-        width = m.row_cap if m.kind == "batchtopk" else (4 * m.k if m.multi_topk else m.k)
-        values, indices = self._select(x_c.to(self.plain.compute_dtype), W_enc, b_enc, min(width, m.n_latents), self.row_ids)
+        width = selection_width(m) if training else code_width(m)
+        values, indices = self._select(x_c.to(self.plain.compute_dtype), W_enc, b_enc, width, self.row_ids)
         if m.kind == "batchtopk":
             values, indices = self._batch_topk(values, indices, training)
         return values, indices
@@ -133,11 +134,8 @@ class ShardedTorchSAE:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data that every rank holds whole (no data collective)."""
-        m = self.config.model
         xn, yn = self.plain._norm_in(x.to(self.mesh.device)), self.plain._norm_out(y.to(self.mesh.device))
         values, indices = self._encode(self.plain._encoder_input(xn), training=False)
-        if m.multi_topk and m.kind == "topk":
-            values, indices = values[:, : m.k], indices[:, : m.k]
         recon = self._decode(values, indices, xn)
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {"eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
