@@ -120,14 +120,15 @@ def test_a_resumed_store_keeps_its_precision(tmp_path, loaded, proteins) -> None
     assert len(ActivationStore(store).manifest["shards"]) == 2  # nothing committed is lost
 
 
-def test_cli_precision_choice(tmp_path, model_dir, proteins, capsys) -> None:
+def test_cli_precision_choice(tmp_path, model_dir, proteins, capsys, caplog) -> None:
     from sae_engine.cli import main
 
     fasta, _ = proteins
     model_dir = str(model_dir)
+    caplog.set_level(logging.INFO, logger="sae_engine")
     assert main(["extract", "--fasta", str(fasta), "--model", model_dir, "--layers", "1", "--out", str(tmp_path / "s"),
                  "--precision", "fp32", "--quiet"]) == 0
-    assert "in fp32 (requested;" in capsys.readouterr().err
+    assert "in fp32 (requested;" in caplog.text
     assert ActivationStore(tmp_path / "s").manifest["precision_resolved"]["dtype"] == "fp32"
     with pytest.raises(SystemExit):
         main(["extract", "--fasta", str(fasta), "--model", model_dir, "--layers", "1", "--out", str(tmp_path / "t"),
