@@ -1,8 +1,10 @@
 """Reading a trained run: the model of its latest checkpoint, in either checkpoint layout.
 
 A single-process checkpoint holds ``model.safetensors``; a sharded one holds ``dcp/`` (written
-by torch.distributed.checkpoint, each rank its rows), read here whole in one process. Export,
-the peer formats and analysis all read runs through :func:`load_run_weights`.
+by torch.distributed.checkpoint, each rank its rows), read here whole in one process. The peer
+formats, the native export of a single-process run and analysis (:func:`load_trained_sae`) read
+runs through :func:`load_run_weights`; the native export streams a sharded run instead
+(:mod:`sae_engine.parallel.export`), never holding it whole.
 """
 from __future__ import annotations
 

@@ -45,8 +45,8 @@ def _extract(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, data_dir=args.data_dir, trust_pickle=args.trust_pickle)
         config = ExtractConfig(
             layers=args.layers, pool=args.pool, max_tokens=args.max_tokens, precision=args.precision,
-            final_norm=not args.raw_last,
-            crop=args.crop, overlap=args.overlap, store_dtype=args.store_dtype, shard_rows=args.shard_rows,
+            final_norm=not args.raw_last, crop=args.crop, overlap=args.overlap, store_dtype=args.store_dtype,
+            shard_rows=args.shard_rows,
         )
         print(f"model: {loaded.info.description}", file=sys.stderr)
         summary = extract_to_store(args.fasta, loaded, args.out, config, progress=not args.quiet)

@@ -202,9 +202,8 @@ def ensure_store(
     from .models import load_model
 
     loaded = load_model(model, data_dir=data_dir)
-    extract_to_store(fasta, loaded, path, ExtractConfig(layers=tuple(layers), pool=pool, max_tokens=max_tokens,
-                                                               precision=precision),
-                     progress=progress)
+    config = ExtractConfig(layers=tuple(layers), pool=pool, max_tokens=max_tokens, precision=precision)
+    extract_to_store(fasta, loaded, path, config, progress=progress)
     return ActivationStore(path)
 
 

@@ -12,8 +12,9 @@ Speed (see ``bench/test_bench_esm.py``): fair-esm's math with fused QKV projecti
 the deepest requested layer, and the feed-forward done in row blocks into reused buffers.
 ``bf16`` runs the matrix products in bfloat16 and keeps the residual stream, layer norms and
 attention in float32. Everything runs on the device of the model's parameters (CPU or CUDA):
-tokens are moved there and every tensor made here is made there; results stay there. Callers that run many batches on the CPU gain from glibc keeping freed
-memory (:func:`sae_engine.memory.tune_allocator`, process-wide: the CLI calls it, libraries don't).
+tokens are moved there, every tensor made here is made there, and results stay there. Callers
+that run many batches on the CPU gain from glibc keeping freed memory
+(:func:`sae_engine.memory.tune_allocator`, process-wide: the CLI calls it, libraries don't).
 """
 from __future__ import annotations
 
