@@ -148,8 +148,9 @@ def test_live_source_computes_in_its_precision(loaded, proteins) -> None:
         assert torch.equal(rows, want)
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32"])
-def test_training_sources_follow_the_runs_precision(tmp_path, model_dir, proteins, precision) -> None:
+@pytest.mark.parametrize(("precision", "resolved"), [("auto", None), ("fp32", None), ("auto", "fp32"), ("auto", "bf16")])
+def test_training_sources_follow_the_runs_precision(tmp_path, model_dir, proteins, precision, resolved) -> None:
+    """train.precision decided for the CPU, or the run's recorded train.precision_resolved."""
     from sae_engine.config import load_config
     from sae_engine.registry import build_source
 
@@ -157,10 +158,14 @@ def test_training_sources_follow_the_runs_precision(tmp_path, model_dir, protein
     sets = ["model.d_in=32", "model.n_latents=64", "model.k=4", f"train.precision='{precision}'",
             f"train.out_dir='{tmp_path / 'run'}'", "train.progress=false", f"data.esm.fasta='{fasta}'",
             f"data.esm.model='{model_dir}'", "data.esm.layer=2"]
-    want = resolve_precision(precision, "cpu")
-    build_source(load_config(None, sets + ["data.source='esm'", f"data.esm.store='{tmp_path / 'store'}'"]))
+    if resolved:
+        sets.append(f"train.precision_resolved='{resolved}'")
+    with warnings.catch_warnings():  # bf16 on a CPU without bf16 units warns
+        warnings.simplefilter("ignore")
+        want = resolve_precision(resolved or precision, "cpu")
+        build_source(load_config(None, sets + ["data.source='esm'", f"data.esm.store='{tmp_path / 'store'}'"]))
+        live = build_source(load_config(None, sets + ["data.source='esm_live'"]))
     assert ActivationStore(tmp_path / "store").manifest["precision_resolved"]["dtype"] == want.dtype
-    live = build_source(load_config(None, sets + ["data.source='esm_live'"]))
     assert live.precision == want and live.runner.bf16 == (want.dtype == "bf16")
 
 
