@@ -67,25 +67,3 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise ValueError(f"checkpoint {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
     return tensors, meta
 
-
-def load_trained_sae(run_dir: str | Path):
-    """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
-    from .config import RunConfig
-    from .torch_backend import TorchSAE
-
-    path = latest_checkpoint(Path(run_dir))
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-    if (path / "dcp").is_dir():  # a sharded run: its rows gathered from every rank's files
-        from .parallel.checkpoint import load_rows, read_meta
-
-        meta = read_meta(path)
-    else:
-        tensors, meta = load_checkpoint(path)
-    config = RunConfig.from_dict(meta["config"], origin=str(path / "meta.json"))
-    config.train.precision = "fp32"
-    sae = TorchSAE(config, torch.device("cpu"))
-    if (path / "dcp").is_dir():
-        tensors = load_rows(path, sae.state_tensors(), config.model.n_latents, None)
-    sae.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-    return sae

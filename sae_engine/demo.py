@@ -123,7 +123,7 @@ def run_demo(out_dir: Path, proteins: int = DEFAULT_PROTEINS, n_latents: int = 4
         print(f"[1/5] ESM2 layer {LAYER} of {proteins} sampled human proteins ({precision.dtype}: {precision.reason})",
               file=sys.stderr)
         extract_to_store(out_dir / "proteins.fasta", load_model("default", data_dir=root), store,
-                         ExtractConfig(layers=(LAYER,), bf16=precision.dtype == "bf16"))
+                         ExtractConfig(layers=(LAYER,), precision=precision.dtype))
     print(f"[2/5] a residue-level SAE ({n_latents} latents, k={K})", file=sys.stderr)
     _, trained = _train([
         f"model.n_latents={n_latents}", f"model.k={K}", "model.dead_tokens=200000",

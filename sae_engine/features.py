@@ -208,7 +208,7 @@ def topk_code(transform: Callable[[torch.Tensor], torch.Tensor], k: int) -> Code
 
 def load_sae_backend(run_dir: str | Path):
     """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
-    from .checkpoint import load_trained_sae
+    from .runs import load_trained_sae
 
     return load_trained_sae(run_dir)
 

@@ -118,7 +118,7 @@ def _fasta(tmp_path: Path, sequences: list[str]) -> Path:
 def test_store_round_trip_and_sources(tmp_path: Path, tiny_dir: Path) -> None:
     loaded = load_model(str(tiny_dir))
     sequences = _proteins(30, 5, 80, seed=6) + ["M" * 150]  # the last one is cropped into windows
-    config = ExtractConfig(layers=(1, 2), max_tokens=300, shard_rows=200, max_residues=100, overlap=20)
+    config = ExtractConfig(layers=(1, 2), max_tokens=300, shard_rows=200, max_residues=100, overlap=20, precision="fp32")
     summary = extract_to_store(_fasta(tmp_path, sequences), loaded, tmp_path / "store", config, progress=False)
     store = ActivationStore(tmp_path / "store")
     assert store.complete and len(store.manifest["shards"]) > 1

@@ -31,7 +31,7 @@ def test_real_weights_extract_real_proteins(tmp_path: Path) -> None:
     assert "fine-tuned" in loaded.info.description and not loaded.info.has_lm_head
     records = [r for r in load_fasta(DATA / "human.fasta") if 50 <= len(r.sequence) <= 250][:6]
     write_fasta(records, tmp_path / "few.fasta")
-    config = ExtractConfig(layers=(3, 6), max_tokens=1024)
+    config = ExtractConfig(layers=(3, 6), max_tokens=1024, precision="fp32")  # compared with fair-esm at 1e-4
     extract_to_store(tmp_path / "few.fasta", loaded, tmp_path / "store", config, progress=False)
     store = ActivationStore(tmp_path / "store")
     assert "fine-tuned" in store.manifest["model"]["description"]

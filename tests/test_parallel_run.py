@@ -19,13 +19,14 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sae_engine.checkpoint import latest_checkpoint, load_trained_sae
+from sae_engine.checkpoint import latest_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import ConfigError, load_config
 from sae_engine.parallel.checkpoint import load_rows
 from sae_engine.parallel.launch import run_local
 from sae_engine.torch_backend import TorchSAE
 from sae_engine.registry import build_source
+from sae_engine.runs import load_trained_sae
 from sae_engine.trainer import Trainer
 
 BATCH = 32

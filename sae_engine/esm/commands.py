@@ -44,8 +44,9 @@ def _extract(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.model, data_dir=args.data_dir, trust_pickle=args.trust_pickle)
         config = ExtractConfig(
-            layers=args.layers, pool=args.pool, max_tokens=args.max_tokens, bf16=args.bf16, final_norm=not args.raw_last,
-            crop=args.crop, overlap=args.overlap, store_dtype=args.store_dtype, shard_rows=args.shard_rows,
+            layers=args.layers, pool=args.pool, max_tokens=args.max_tokens, precision=args.precision,
+            final_norm=not args.raw_last, crop=args.crop, overlap=args.overlap, store_dtype=args.store_dtype,
+            shard_rows=args.shard_rows,
         )
         print(f"model: {loaded.info.description}", file=sys.stderr)
         summary = extract_to_store(args.fasta, loaded, args.out, config, progress=not args.quiet)
@@ -63,7 +64,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _splice(args: argparse.Namespace) -> int:
     import itertools
 
-    from ..checkpoint import load_trained_sae
+    from ..runs import load_trained_sae
     from .fasta import crop, read_fasta
     from .models import load_model
     from .splice import loss_recovered
@@ -102,7 +103,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--out", required=True, help="store directory (created, or resumed if it exists)")
     cmd.add_argument("--pool", choices=("none", "mean", "max"), default="none", help="none: per residue; mean/max: per protein window")
     cmd.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
-    cmd.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (residual stream, layer norms and attention in fp32)")
+    cmd.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="matrix products in bf16 (residual stream, layer norms and attention stay fp32) or fp32; "
+                          "auto (default): bf16 where the hardware has bf16 matrix units (CPUs with AVX-512-BF16 or "
+                          "AMX, CUDA 8.0+), else fp32. A resumed store keeps its precision")
     cmd.add_argument("--raw-last", action="store_true", help="last layer without emb_layer_norm_after (fair-esm applies it)")
     cmd.add_argument("--crop", choices=("window", "truncate"), default="window", help="proteins over 1022 residues")
     cmd.add_argument("--overlap", type=int, default=256, help="residues shared by neighbouring windows")

@@ -4,10 +4,16 @@ Flow: FASTA -> validated records -> windows of at most 1022 residues -> batches 
 at most ``max_tokens`` padded positions each) -> :class:`~.forward.FastESM2` -> residue vectors
 (BOS, EOS and padding dropped) or per-window pooled vectors -> ``.npy`` shards + manifest
 (:mod:`.store`). Layer numbering: see :mod:`.forward`; the manifest records ``final_norm``.
+
+Precision: ``ExtractConfig.precision`` ("auto", "bf16", "fp32") is decided for the model's device
+by :func:`sae_engine.precision.resolve_precision` (bf16 where the hardware has bf16 matrix units),
+logged, and recorded in the manifest as ``precision_resolved``; a resumed store keeps its dtype.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..precision import CHOICES as PRECISIONS
+from ..precision import Precision, resolve_precision
 from .batching import Tokenizer, plan_batches
 from .fasta import ESM2_MAX_RESIDUES, Record, crop, read_fasta
 from .forward import FastESM2, vectors
@@ -25,6 +33,7 @@ if TYPE_CHECKING:  # fair-esm is an optional extra: imported only when a model i
     from .models import LoadedModel
 
 POOLS = ("none", "mean", "max")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,7 @@ class ExtractConfig:
     layers: tuple[int, ...]
     pool: str = "none"  # "none" (one vector per residue), "mean" or "max" (one per window)
     max_tokens: int = 4096  # padded positions per batch
-    bf16: bool = False
+    precision: str = "auto"  # "auto" (decided by the hardware), "bf16" or "fp32" matrix products
     final_norm: bool = True  # last layer after emb_layer_norm_after, as fair-esm returns it
     max_residues: int = ESM2_MAX_RESIDUES
     crop: str = "window"  # "window" or "truncate" (see fasta.crop)
@@ -46,6 +55,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {list(POOLS)}, got {self.pool!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.store_dtype not in ("float32", "float16"):
             raise ValueError(f"store dtype must be float32 or float16, got {self.store_dtype!r}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
@@ -132,9 +143,13 @@ def extract_to_store(
         "model": loaded.info.to_dict(),
         "input": {"fasta": fasta, "sha256": digest.hexdigest(), "proteins": len(records), "windows": len(windows)},
     }
+    device = next(loaded.model.parameters()).device
+    precision = store_precision(Path(out), config.precision, device.type)
+    log.info("ESM2 extraction on %s in %s (%s)", device, precision.dtype, precision.reason)
+    header["precision_resolved"] = {"dtype": precision.dtype, "reason": precision.reason}
     writer = StoreWriter(Path(out), header)
     todo = [w for w in windows if w.key not in writer.done]
-    runner, tokenizer = FastESM2(loaded.model, bf16=config.bf16), Tokenizer(loaded.alphabet)
+    runner, tokenizer = FastESM2(loaded.model, bf16=precision.dtype == "bf16"), Tokenizer(loaded.alphabet)
     residues = sum(len(w.sequence) for w in todo)
     with tqdm(total=residues, unit="res", unit_scale=True, desc="extracting", disable=not progress) as bar:
         for batch in plan_batches([len(w.sequence) for w in todo], config.max_tokens, config.seed):
@@ -148,6 +163,20 @@ def extract_to_store(
                           time.perf_counter() - started)
 
 
+def store_precision(out: Path, requested: str, device_type: str) -> Precision:
+    """The compute precision of an extraction into ``out``: a store being resumed keeps the dtype
+    it was started with (an explicit other one is an error: one store, one dtype); a new store
+    gets ``requested`` decided for ``device_type``."""
+    manifest = out / "manifest.json"
+    started = json.loads(manifest.read_text()).get("precision_resolved") if manifest.exists() else None
+    if started is None:
+        return resolve_precision(requested, device_type)
+    if requested not in ("auto", started["dtype"]):
+        raise StoreError(f"{out} holds vectors computed in {started['dtype']}; precision {requested} would mix "
+                         f"{requested} and {started['dtype']} in one store (use {started['dtype']} or auto, or another store)")
+    return Precision(started["dtype"], f"kept from the store being resumed ({started['reason']})")
+
+
 def ensure_store(
     store: str | Path,
     *,
@@ -156,12 +185,13 @@ def ensure_store(
     model: str | None = "default",
     pool: str = "none",
     max_tokens: int = 4096,
-    bf16: bool = False,
+    precision: str = "auto",
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> ActivationStore:
     """A complete store at ``store`` holding ``layers``: opened if there, else extracted (or resumed)
-    from ``fasta`` with ``model``. For training configs that name a store and how to make it."""
+    from ``fasta`` with ``model`` at ``precision`` ("auto", "bf16", "fp32"). For training configs
+    that name a store and how to make it."""
     path = Path(store)
     if (path / "manifest.json").exists():
         existing = ActivationStore(path)
@@ -172,8 +202,8 @@ def ensure_store(
     from .models import load_model
 
     loaded = load_model(model, data_dir=data_dir)
-    extract_to_store(fasta, loaded, path, ExtractConfig(layers=tuple(layers), pool=pool, max_tokens=max_tokens, bf16=bf16),
-                     progress=progress)
+    config = ExtractConfig(layers=tuple(layers), pool=pool, max_tokens=max_tokens, precision=precision)
+    extract_to_store(fasta, loaded, path, config, progress=progress)
     return ActivationStore(path)
 
 

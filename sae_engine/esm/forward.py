@@ -11,8 +11,10 @@ Speed (see ``bench/test_bench_esm.py``): fair-esm's math with fused QKV projecti
 ``scaled_dot_product_attention`` (no ``[B, H, T, T]`` weights), no LM head, an early stop after
 the deepest requested layer, and the feed-forward done in row blocks into reused buffers.
 ``bf16`` runs the matrix products in bfloat16 and keeps the residual stream, layer norms and
-attention in float32. Callers that run many batches on the CPU gain from glibc keeping freed
-memory (:func:`sae_engine.memory.tune_allocator`, process-wide: the CLI calls it, libraries don't).
+attention in float32. Everything runs on the device of the model's parameters (CPU or CUDA):
+tokens are moved there, every tensor made here is made there, and results stay there. Callers
+that run many batches on the CPU gain from glibc keeping freed memory
+(:func:`sae_engine.memory.tune_allocator`, process-wide: the CLI calls it, libraries don't).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class FastESM2:
         self.heads: int = model.attention_heads
         self.head_dim = self.embed_dim // self.heads
         self.padding_idx, self.mask_idx = model.padding_idx, model.mask_idx
+        self.device = next(model.parameters()).device
         compute = torch.bfloat16 if bf16 else torch.float32
         with torch.no_grad():
             self.blocks = []
@@ -69,13 +72,13 @@ class FastESM2:
                 )
         self.compute = compute
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ffn_buffer = torch.empty(0, dtype=compute)
+        self._ffn_buffer = torch.empty(0, dtype=compute, device=self.device)
 
     def _rotary_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, head_dim]`` as fair-esm's RotaryEmbedding builds them (cached per T)."""
         if length not in self._rotary:
-            inv_freq = self.blocks[0]["inv_freq"]
-            t = torch.arange(length, dtype=inv_freq.dtype)
+            inv_freq = self.blocks[0]["inv_freq"].to(self.device)
+            t = torch.arange(length, dtype=inv_freq.dtype, device=self.device)
             freqs = torch.outer(t, inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rotary[length] = (emb.cos(), emb.sin())
@@ -96,7 +99,7 @@ class FastESM2:
         rows = x.shape[0]
         step = min(self.ffn_block, rows)
         if self._ffn_buffer.shape[0] < step * w1.shape[0]:
-            self._ffn_buffer = torch.empty(step * w1.shape[0], dtype=self.compute)
+            self._ffn_buffer = torch.empty(step * w1.shape[0], dtype=self.compute, device=self.device)
         weight, bias, eps = block["ln2"]
         for lo in range(0, rows, step):
             part = x[lo : lo + step]
@@ -114,11 +117,14 @@ class FastESM2:
 
         With ``rows`` (positions into the flattened ``B * T`` tokens, [N] int64) each layer comes
         back as those rows only, [N, E]: one copy of what is kept instead of the whole batch.
+        ``tokens`` and ``rows`` may be on any device; the results are on the model's.
         """
         wanted = set(layers)
         if not wanted or min(wanted) < 0 or max(wanted) > self.num_layers:
             raise ValueError(f"layers must be in 0..{self.num_layers}, got {sorted(wanted)}")
         model = self.model
+        tokens = tokens.to(self.device)
+        rows = None if rows is None else rows.to(self.device)
         batch, length = tokens.shape
         padding = tokens.eq(self.padding_idx)
         x = model.embed_scale * model.embed_tokens(tokens)
@@ -169,10 +175,11 @@ def vectors(
     runner: FastESM2, tokenizer: Tokenizer, sequences: Sequence[str], layers: Sequence[int], pool: str = "none", final_norm: bool = True
 ) -> dict[int, torch.Tensor]:
     """One batch through the model -> {layer: rows}; rows are every residue of every sequence
-    in order (``[sum(len), E]``) for ``pool="none"``, else one pooled row per sequence ``[B, E]``."""
-    tokens = tokenizer(sequences)
-    lengths = torch.tensor([len(s) for s in sequences])
-    positions = torch.arange(tokens.shape[1])
+    in order (``[sum(len), E]``) for ``pool="none"``, else one pooled row per sequence ``[B, E]``.
+    The rows are on the model's device."""
+    tokens = tokenizer(sequences).to(runner.device)
+    lengths = torch.tensor([len(s) for s in sequences], device=runner.device)
+    positions = torch.arange(tokens.shape[1], device=runner.device)
     residue = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]: not BOS/EOS/pad
     if pool == "none":
         return runner(tokens, layers, final_norm, rows=residue.view(-1).nonzero().squeeze(1))

@@ -6,22 +6,27 @@ model, length-planned and shuffled batches), computed batch by batch when the ri
 refill thread asks for them, so ESM2's forward overlaps SAE training. For transcoders it yields
 the input and target layers side by side, ``[m, 2 * E]``. ``iter_from(start)`` skips whole
 batches before ``start`` without running them, so a resumed run recomputes at most one batch.
-The model runs where its parameters are (move it to CUDA for a device-resident pipeline).
+The model runs where its parameters are (move it to CUDA for a device-resident pipeline), at
+``precision`` decided for that device (:func:`sae_engine.precision.resolve_precision`).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..precision import resolve_precision
 from .batching import Tokenizer, plan_batches
 from .fasta import crop, read_fasta
 from .forward import FastESM2, vectors
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 class LiveSource:
@@ -35,12 +40,16 @@ class LiveSource:
         *,
         pool: str = "none",
         max_tokens: int = 4096,
-        bf16: bool = False,
+        precision: str = "auto",
         seed: int = 0,
     ) -> None:
         self.windows = crop(read_fasta(fasta))  # an empty FASTA is a FastaError
         self.layers, self.pool = tuple(layers), pool
-        self.runner, self.tokenizer = FastESM2(loaded.model, bf16=bf16), Tokenizer(loaded.alphabet)
+        device = next(loaded.model.parameters()).device
+        self.precision = resolve_precision(precision, device.type)
+        log.info("live ESM2 on %s in %s (%s)", device, self.precision.dtype, self.precision.reason)
+        self.runner = FastESM2(loaded.model, bf16=self.precision.dtype == "bf16")
+        self.tokenizer = Tokenizer(loaded.alphabet)
         self.batches = plan_batches([len(w.sequence) for w in self.windows], max_tokens, seed)
         self.batch_rows = [
             sum(len(self.windows[i].sequence) for i in batch) if pool == "none" else len(batch)

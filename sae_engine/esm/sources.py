@@ -4,7 +4,9 @@ Both read the ``[data.esm]`` table (:class:`EsmOptions`) and are registered with
 :mod:`sae_engine.registry` by name, so the trainer never imports this package. ``esm`` opens the
 store, extracting it first when it is missing or incomplete; ``esm_live`` runs ESM2 in the ring
 buffer's producer thread with nothing on disk. Checking the options imports no model code;
-fair-esm is needed only to build a source that runs the model.
+fair-esm is needed only to build a source that runs the model. ESM2 computes in the run's
+``train.precision_resolved`` when the config records one (a resumed run's), else in
+``train.precision`` decided for the device ESM2 runs on (the CPU).
 """
 from __future__ import annotations
 
@@ -71,13 +73,17 @@ def _fasta_subset(options: EsmOptions, out_dir: str) -> Path | None:
     return subset
 
 
+def _precision(config: RunConfig) -> str:
+    return config.train.precision_resolved or config.train.precision
+
+
 def _build_store(options: EsmOptions, config: RunConfig) -> ActivationSource:
     from .extract import ensure_store
     from .store import StoreSource
 
     m = config.model
     ensure_store(options.store, layers=options.layers(m.is_transcoder), fasta=_fasta_subset(options, config.train.out_dir),
-                 model=options.model, pool=options.pool, progress=config.train.progress)
+                 model=options.model, pool=options.pool, precision=_precision(config), progress=config.train.progress)
     inputs = StoreSource(options.store, options.layer)
     if inputs.d != m.d_in:
         raise ConfigError(f"data.esm.store: layer {options.layer} vectors have d={inputs.d} but model.d_in = {m.d_in}")
@@ -96,7 +102,8 @@ def _build_live(options: EsmOptions, config: RunConfig) -> ActivationSource:
 
     m = config.model
     layers = options.layers(m.is_transcoder)
-    source = LiveSource(_fasta_subset(options, config.train.out_dir), load_model(options.model), layers, pool=options.pool)
+    source = LiveSource(_fasta_subset(options, config.train.out_dir), load_model(options.model), layers, pool=options.pool,
+                        precision=_precision(config))
     width = source.d // len(layers)
     if width != m.d_in or (m.is_transcoder and width != m.d_out):
         raise ConfigError(f"data.esm.model gives d={width} vectors but model.d_in = {m.d_in}"

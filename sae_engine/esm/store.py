@@ -43,12 +43,13 @@ class ActivationStore:
     """A directory of activation shards and their manifest.
 
     Layout: ``manifest.json`` (settings: layers, pooling, dtypes, cropping; the model's spec,
-    description and weights sha256; the input's path and content hash; the committed shards in
-    order) and, per shard, ``shards/<name>.L<layer>.npy`` ``[rows, d]`` for each layer plus
-    ``shards/<name>.index.json`` (per window: key, protein id, start residue, residues, row offset
-    in the shard, rows). Per-shard indexes keep each commit small for 500k-protein inputs. A
-    shard is committed when the manifest lists it; files of uncommitted shards are leftovers of a
-    killed run and are removed when a run resumes, so every window appears exactly once.
+    description and weights sha256; the input's path and content hash; ``precision_resolved``,
+    the dtype ESM2 computed in and why; the committed shards in order) and, per shard,
+    ``shards/<name>.L<layer>.npy`` ``[rows, d]`` for each layer plus ``shards/<name>.index.json``
+    (per window: key, protein id, start residue, residues, row offset in the shard, rows).
+    Per-shard indexes keep each commit small for 500k-protein inputs. A shard is committed when
+    the manifest lists it; files of uncommitted shards are leftovers of a killed run and are
+    removed when a run resumes, so every window appears exactly once.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -80,9 +81,10 @@ class ActivationStore:
 
 
 def _fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a run to resume a store: settings, weights and input contents (not paths)."""
+    """What must match for a run to resume a store: settings, weights and input contents (not paths).
+    The requested precision is not compared: the resolved one is (see ``extract.store_precision``)."""
     return {
-        **{f"settings.{k}": v for k, v in manifest["settings"].items()},
+        **{f"settings.{k}": v for k, v in manifest["settings"].items() if k != "precision"},
         "model.weights_sha256": manifest["model"]["weights_sha256"],
         "input.sha256": manifest["input"]["sha256"],
     }
@@ -118,7 +120,7 @@ class StoreWriter:
 
     def add(self, windows: Sequence[Window], rows: dict[int, torch.Tensor], counts: Sequence[int]) -> None:
         for layer, values in rows.items():
-            self.parts[layer].append(values.to(torch.float32).numpy().astype(self.dtype, copy=False))
+            self.parts[layer].append(values.to("cpu", torch.float32).numpy().astype(self.dtype, copy=False))
         for window, count in zip(windows, counts):
             for key, value in zip(self.table, (window.key, window.id, window.start, len(window.sequence), self.rows, count)):
                 self.table[key].append(value)

@@ -24,7 +24,8 @@ from sae_kernels import EMPTY
 from ..atomic import atomic_path
 from ..checkpoint import save_checkpoint
 from ..config import ConfigError, RunConfig
-from ..export import ExportError, RunWeights
+from ..export import ExportError
+from ..runs import RunWeights
 
 # A ReLU encoder as a threshold encoder: keep every strictly positive pre-activation.
 RELU_THRESHOLD = torch.finfo(torch.float32).tiny
