@@ -27,6 +27,12 @@ from dictionary_learning import AutoEncoder  # noqa: E402
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE  # noqa: E402
 from dictionary_learning.trainers.top_k import AutoEncoderTopK  # noqa: E402
 from dictionary_learning.utils import load_dictionary  # noqa: E402
+import nnsight  # noqa: E402  (imported by dictionary_learning)
+
+# nnsight patches torch process-wide on import (FakeTensor.__new__ among others, in a form this
+# torch rejects), which breaks torch.compile in every later test; dictionary_learning only needs
+# it for activation buffers, so undo the patches with nnsight's own patcher.
+nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
 
 from sae_engine.cli import main as cli_main  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
