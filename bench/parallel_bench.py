@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sae_engine.config import RunConfig
-from sae_engine.parallel.dims import ParallelConfig
+from sae_engine.parallel_config import ParallelConfig
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.torch_sharded import ShardedTorchSAE

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .parallel.dims import ParallelConfig
+from .parallel_config import ParallelConfig
 from .registry import UnknownSourceError, get_source, source_names, table_spec
 
 

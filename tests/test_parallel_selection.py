@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import sae_kernels
-from sae_engine.parallel.dims import ParallelConfig, latent_ranges
+from sae_engine.parallel_config import ParallelConfig, latent_ranges
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.selection import merge_candidates, sharded_decode, sharded_topk

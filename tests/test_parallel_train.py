@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sae_engine.config import RunConfig
-from sae_engine.parallel.dims import ParallelConfig, latent_ranges
+from sae_engine.parallel_config import ParallelConfig, latent_ranges
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.torch_sharded import ShardedTorchSAE

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import ConfigError
 from .comm import Comm
-from .dims import ParallelConfig, latent_ranges
+from ..parallel_config import ParallelConfig, latent_ranges
 
 
 @dataclass
