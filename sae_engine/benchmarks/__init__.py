@@ -8,7 +8,9 @@ the machine's description, JSON output):
   plain PyTorch and sparsify (:mod:`.kernels`);
 - ``train-step``: one training step against sparsify and SAELens (:mod:`.train_step`);
 - ``esm``: ESM2 extraction against fair-esm's own loop (:mod:`.extraction`);
-- ``enrich``: GO enrichment of every feature against goatools (:mod:`.enrichment`).
+- ``enrich``: GO enrichment of every feature against goatools (:mod:`.enrichment`);
+- ``parallel``: scale-out on gloo, bytes per step and per-rank memory, latent sharding against
+  data parallel (:mod:`.parallel`).
 
 Every output names the CPU with its vector/matrix features (and the GPU), because the same code
 runs 2-9x apart on CPUs with and without bf16 units.
@@ -23,6 +25,7 @@ SUITES = {
     "train-step": ("train_step", None),
     "esm": ("extraction", "esm"),
     "enrich": ("enrichment", "analysis"),
+    "parallel": ("parallel", None),
 }  # name -> (module, the extra it needs beyond the core install)
 
 

@@ -1,7 +1,7 @@
 """Scale-out on gloo: bytes sent per step (counted from the collectives issued), per-rank state
 memory and peak RSS, and step time, for latent sharding against data parallel at one shape.
 
-    python -m bench.parallel_bench [--steps 5]
+    sae-engine bench parallel [--steps 5]
 
 On a CPU these numbers check the logic (bytes, memory), not speed. ``estimate`` turns the
 per-step byte formulas, checked here against the counted bytes, into the on-paper numbers for
@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from sae_engine.benchmarks.harness import machine_info, machine_line
 from sae_engine.config import RunConfig
 from sae_engine.parallel_config import ParallelConfig
 from sae_engine.parallel.launch import run_local
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    print(machine_line(machine_info("cpu")))
     print(f"d={SHAPE['d_in']}, n={SHAPE['n_latents']}, k={SHAPE['k']}, B={BATCH} (global), fp32, gloo on CPU")
     print("| mesh DxL | data bytes/step/rank | latent bytes/step/rank | formula (latent) | state/rank MiB | peak RSS MiB | step ms |")
     print("|---|---|---|---|---|---|---|")
