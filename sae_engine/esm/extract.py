@@ -8,11 +8,14 @@ at most ``max_tokens`` padded positions each) -> :class:`~.forward.FastESM2` -> 
 Precision: ``ExtractConfig.precision`` ("auto", "bf16", "fp32") is decided for the model's device
 by :func:`sae_engine.precision.resolve_precision` (bf16 where the hardware has bf16 matrix units),
 logged, and recorded in the manifest as ``precision_resolved``; a resumed store keeps its dtype.
+
+Under torchrun (``torchrun --nproc-per-node N -m sae_engine extract ...``) the batches of the
+one-process plan are dealt round-robin to the ranks (see :mod:`.ranks`): every window is computed
+in the same batch as in one process, into one store (see :mod:`.store`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +30,8 @@ from ..precision import Precision, resolve_precision
 from .batching import Tokenizer, plan_batches
 from .fasta import ESM2_MAX_RESIDUES, Record, crop, read_fasta
 from .forward import FastESM2, vectors
-from .store import STORE_FORMAT, ActivationStore, StoreError, StoreWriter
+from .ranks import join_ranks
+from .store import STORE_FORMAT, ActivationStore, StoreError, StoreWriter, existing_manifest, merge_rank_manifests
 
 if TYPE_CHECKING:  # fair-esm is an optional extra: imported only when a model is loaded
     from .models import LoadedModel
@@ -116,11 +120,14 @@ def extract_to_store(
     config: ExtractConfig,
     *,
     progress: bool = True,
+    rank_timeout_s: float = 3600.0,
 ) -> ExtractSummary:
     """Extract ``config.layers`` for every protein into the store at ``out``; resumes a killed run.
 
     ``records`` is a FASTA path or validated records. Windows already committed to the store are
-    skipped; the rest are batched, run and committed shard by shard.
+    skipped; the rest are batched, run and committed shard by shard. Under torchrun this rank runs
+    its share on its own device and the summary counts its share; ``rank_timeout_s`` bounds the
+    wait for the other ranks.
     """
     from tqdm import tqdm
 
@@ -143,23 +150,39 @@ def extract_to_store(
         "model": loaded.info.to_dict(),
         "input": {"fasta": fasta, "sha256": digest.hexdigest(), "proteins": len(records), "windows": len(windows)},
     }
+    ranks = join_ranks(rank_timeout_s)
+    if ranks is not None:
+        loaded.model.to(ranks.device)
     device = next(loaded.model.parameters()).device
     precision = store_precision(Path(out), config.precision, device.type)
     log.info("ESM2 extraction on %s in %s (%s)", device, precision.dtype, precision.reason)
     header["precision_resolved"] = {"dtype": precision.dtype, "reason": precision.reason}
-    writer = StoreWriter(Path(out), header)
-    todo = [w for w in windows if w.key not in writer.done]
+    writer = StoreWriter(Path(out), header, rank=None if ranks is None else ranks.rank)
+    # The plan covers every window, so a resumed or sharded run puts each window in the batch it
+    # has in one uninterrupted process (same padding, same vectors); done windows are dropped.
+    plan = plan_batches([len(w.sequence) for w in windows], config.max_tokens, config.seed)
+    if ranks is not None:
+        plan = plan[ranks.rank :: ranks.world_size]
+    mine = sum(map(len, plan))
+    plan = [todo for todo in ([i for i in batch if windows[i].key not in writer.done] for batch in plan) if todo]
     runner, tokenizer = FastESM2(loaded.model, bf16=precision.dtype == "bf16"), Tokenizer(loaded.alphabet)
-    residues = sum(len(w.sequence) for w in todo)
+    residues = sum(len(windows[i].sequence) for batch in plan for i in batch)
     with tqdm(total=residues, unit="res", unit_scale=True, desc="extracting", disable=not progress) as bar:
-        for batch in plan_batches([len(w.sequence) for w in todo], config.max_tokens, config.seed):
-            chunk = [todo[i] for i in batch]
+        for batch in plan:
+            chunk = [windows[i] for i in batch]
             rows = vectors(runner, tokenizer, [w.sequence for w in chunk], config.layers, config.pool, config.final_norm)
             counts = [len(w.sequence) if config.pool == "none" else 1 for w in chunk]
             writer.add(chunk, rows, counts)
             bar.update(sum(len(w.sequence) for w in chunk))
     writer.finish()
-    return ExtractSummary(Path(out), len(windows), len(windows) - len(todo), residues, len(ActivationStore(out)),
+    if ranks is not None:
+        ranks.barrier()  # every rank has finished its share
+        if ranks.rank == 0:
+            merge_rank_manifests(Path(out), ranks.world_size)
+        ranks.barrier()  # the merged manifest is there for everyone
+        ranks.close()
+    computed = sum(map(len, plan))
+    return ExtractSummary(Path(out), mine, mine - computed, residues, len(ActivationStore(out)),
                           time.perf_counter() - started)
 
 
@@ -167,8 +190,8 @@ def store_precision(out: Path, requested: str, device_type: str) -> Precision:
     """The compute precision of an extraction into ``out``: a store being resumed keeps the dtype
     it was started with (an explicit other one is an error: one store, one dtype); a new store
     gets ``requested`` decided for ``device_type``."""
-    manifest = out / "manifest.json"
-    started = json.loads(manifest.read_text()).get("precision_resolved") if manifest.exists() else None
+    manifest = existing_manifest(out)
+    started = manifest.get("precision_resolved") if manifest else None
     if started is None:
         return resolve_precision(requested, device_type)
     if requested not in ("auto", started["dtype"]):

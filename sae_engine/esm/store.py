@@ -3,6 +3,11 @@
 A store is written shard by shard (each shard's files atomically, then the manifest, which is
 the commit point), so an extraction killed at any moment resumes without missing or repeating
 a window. :class:`StoreSource` serves one layer's rows to the trainer's ring buffer.
+
+Under torchrun each rank commits its own shards (named ``r<rank>-<n>``) to its own
+``manifest.rank<rank>.json``; when every rank has finished, rank 0 merges them into
+``manifest.json`` (:func:`merge_rank_manifests`). Shards are in rank order, so the store order
+differs from a one-process run's; each window's vectors are the same (readers go by the index).
 """
 from __future__ import annotations
 
@@ -28,6 +33,53 @@ class StoreError(ValueError):
 
 def _shard_file(root: Path, name: str, layer: int) -> Path:
     return root / "shards" / f"{name}.L{layer}.npy"
+
+
+def rank_manifest_path(root: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a torchrun extraction commits its shards before the merge."""
+    return root / f"manifest.rank{rank}.json"
+
+
+def _manifest_paths(root: Path) -> list[Path]:
+    """The store's manifest (if any) and any per-rank manifests not merged yet."""
+    main = root / "manifest.json"
+    ranks = sorted(root.glob("manifest.rank*.json"), key=lambda p: int(p.name[len("manifest.rank"):-len(".json")]))
+    return ([main] if main.exists() else []) + ranks
+
+
+def existing_manifest(root: Path) -> dict[str, Any] | None:
+    """The header of a store being resumed (its manifest or a rank's), or None for a new store."""
+    paths = _manifest_paths(root)
+    return json.loads(paths[0].read_text()) if paths else None
+
+
+def _committed_shards(root: Path) -> list[dict[str, Any]]:
+    """Every committed shard, from the manifest and the per-rank manifests, each once, in order."""
+    shards: dict[str, dict[str, Any]] = {}
+    for path in _manifest_paths(root):
+        for shard in json.loads(path.read_text())["shards"]:
+            shards.setdefault(shard["name"], shard)
+    return list(shards.values())
+
+
+def merge_rank_manifests(root: Path, world_size: int) -> dict[str, Any]:
+    """Rank 0's last step under torchrun: every rank's shards into ``manifest.json``, marked complete.
+
+    Raises StoreError (writing nothing) when a rank of ``world_size`` has not finished. Per-rank
+    manifests of an earlier run with more ranks are merged too: their windows were skipped.
+    """
+    for rank in range(world_size):
+        path = rank_manifest_path(root, rank)
+        if not path.exists() or not json.loads(path.read_text())["complete"]:
+            raise StoreError(f"{path} is missing or incomplete: rank {rank} of {world_size} did not finish its proteins")
+    main = root / "manifest.json"
+    merged = json.loads(main.read_text()) if main.exists() else json.loads(rank_manifest_path(root, 0).read_text())
+    merged["shards"] = _committed_shards(root)
+    merged["complete"] = True
+    write_json(main, merged)  # the commit point; rank manifests left by a crash here are merged again
+    for path in _manifest_paths(root)[1:]:
+        path.unlink()
+    return merged
 
 
 def _read_index(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -91,25 +143,36 @@ def _fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 class StoreWriter:
-    """Accumulates rows and commits them shard by shard (npy files, index, then manifest)."""
+    """Accumulates rows and commits them shard by shard (npy files, index, then manifest).
 
-    def __init__(self, root: Path, header: dict[str, Any]) -> None:
+    ``rank`` (under torchrun): commit to this rank's own manifest and shard names, so ranks never
+    write the same file; ``done`` is every window committed by any rank or earlier run.
+    """
+
+    def __init__(self, root: Path, header: dict[str, Any], rank: int | None = None) -> None:
         self.root = root
         (root / "shards").mkdir(parents=True, exist_ok=True)
-        manifest_path = root / "manifest.json"
-        if manifest_path.exists():
-            self.manifest = json.loads(manifest_path.read_text())
-            mine, theirs = _fingerprint(self.manifest), _fingerprint(header)
+        for path in _manifest_paths(root):
+            mine, theirs = _fingerprint(json.loads(path.read_text())), _fingerprint(header)
             if mine != theirs:
                 diff = ", ".join(sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
                 raise StoreError(f"{root} was made with different settings ({diff}); use another --out or the same options")
+        self.manifest_path = root / "manifest.json" if rank is None else rank_manifest_path(root, rank)
+        self.prefix = "" if rank is None else f"r{rank}-"
+        committed = _committed_shards(root)
+        if self.manifest_path.exists():
+            self.manifest = json.loads(self.manifest_path.read_text())
         else:
             self.manifest = {**header, "shards": [], "complete": False}
-        committed = {shard["name"] for shard in self.manifest["shards"]}
-        for leftover in (root / "shards").iterdir():
-            if leftover.name.split(".")[0].lstrip(".") not in committed:
+        if rank is None:  # one process resuming a torchrun store: it takes over the ranks' shards
+            self.manifest["shards"] = committed
+        self.next_shard = sum(shard["name"].startswith(self.prefix) for shard in committed)
+        names = {shard["name"] for shard in committed}
+        for leftover in (root / "shards").iterdir():  # files of a shard this writer was killed writing
+            name = leftover.name.lstrip(".").split(".")[0]
+            if name.startswith(self.prefix) and name not in names:
                 leftover.unlink()
-        self.done: set[str] = {entry["key"] for entry in _read_index(root, self.manifest)}
+        self.done: set[str] = {entry["key"] for entry in _read_index(root, {"shards": committed})}
         self.dtype = np.dtype(header["settings"]["store_dtype"])
         self._reset()
 
@@ -131,20 +194,24 @@ class StoreWriter:
     def commit(self) -> None:
         if not self.rows:
             return
-        name = f"{len(self.manifest['shards']):06d}"
+        name = f"{self.prefix}{self.next_shard:06d}"
+        self.next_shard += 1
         for layer, parts in self.parts.items():
             with atomic_path(_shard_file(self.root, name, layer)) as tmp, tmp.open("wb") as handle:
                 np.save(handle, np.concatenate(parts))
         write_json(self.root / "shards" / f"{name}.index.json", self.table)
         self.manifest["shards"].append({"name": name, "rows": self.rows, "windows": len(self.table["keys"])})
-        write_json(self.root / "manifest.json", self.manifest)  # the commit point
+        write_json(self.manifest_path, self.manifest)  # the commit point
         self.done.update(self.table["keys"])
         self._reset()
 
     def finish(self) -> None:
         self.commit()
         self.manifest["complete"] = True
-        write_json(self.root / "manifest.json", self.manifest)
+        write_json(self.manifest_path, self.manifest)
+        if self.prefix == "":
+            for path in _manifest_paths(self.root)[1:]:  # rank manifests taken over above
+                path.unlink()
 
 
 
