@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ pytest.importorskip("esm")
 from sae_engine.esm.extract import ExtractConfig, extract_to_store  # noqa: E402
 from sae_engine.esm.fasta import Record, write_fasta  # noqa: E402
 from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
-from sae_engine.esm.store import ActivationStore, StoreSource  # noqa: E402
+from sae_engine.esm.store import ActivationStore, StoreError, StoreSource, merge_rank_manifests  # noqa: E402
 from sae_engine.parallel.launch import free_port, run_local  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def _extract(fasta: str, model_dir: str, out: str, shard_rows: int) -> int:
 def _vectors(store: Path) -> dict[str, dict[int, np.ndarray]]:
     """Per window key, per layer: its rows as StoreSource streams them (store order)."""
     index = ActivationStore(store).index()
+    assert len({e["key"] for e in index}) == len(index), f"{store} holds a window twice"
     out: dict[str, dict[int, np.ndarray]] = {e["key"]: {} for e in index}
     for layer in LAYERS:
         rows = torch.cat(list(StoreSource(store, layer, chunk_size=97).iter_from(0))).numpy()
@@ -118,6 +120,10 @@ def test_killed_rank_resumes_its_share(tmp_path: Path, model_dir: Path) -> None:
     killed = json.loads((store / "manifest.rank1.json").read_text())
     committed = killed["shards"]  # as it was at the kill: mid-run
     assert not killed["complete"]
+    with pytest.raises(StoreError, match=r"manifest.rank[01].json is missing or incomplete: rank [01] of 2 did not finish"):
+        merge_rank_manifests(store, 2)
+    assert not (store / "manifest.json").exists()
+    shutil.copytree(store, tmp_path / "taken_over")
 
     port = free_port()
     ranks = [_launch(command, rank, port) for rank in range(2)]
@@ -130,9 +136,19 @@ def test_killed_rank_resumes_its_share(tmp_path: Path, model_dir: Path) -> None:
     assert resumed.complete and {s["name"] for s in committed} <= set(names) and len(names) == len(set(names))
     assert {p.name.split(".")[0] for p in (store / "shards").iterdir()} == set(names)
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         _extract(str(fasta), str(model_dir), str(tmp_path / "one"), 400)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     _assert_same_content(store, tmp_path / "one")
+
+    # without torchrun, one process takes over the killed ranks' shards and finishes the rest
+    torch.set_num_threads(1)
+    try:
+        _extract(str(fasta), str(model_dir), str(tmp_path / "taken_over"), 400)
+    finally:
+        torch.set_num_threads(threads)
+    assert not list((tmp_path / "taken_over").glob("manifest.rank*.json"))
+    _assert_same_content(tmp_path / "taken_over", tmp_path / "one")

@@ -49,7 +49,8 @@ def _extract(args: argparse.Namespace) -> int:
             shard_rows=args.shard_rows,
         )
         print(f"model: {loaded.info.description}", file=sys.stderr)
-        summary = extract_to_store(args.fasta, loaded, args.out, config, progress=not args.quiet)
+        summary = extract_to_store(args.fasta, loaded, args.out, config, progress=not args.quiet,
+                                   rank_timeout_s=args.rank_timeout)
     except (FastaError, ModelLoadError, StoreError, FileNotFoundError, ValueError) as error:
         print(f"sae-engine extract: error: {error}", file=sys.stderr)
         return 2
@@ -112,6 +113,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--overlap", type=int, default=256, help="residues shared by neighbouring windows")
     cmd.add_argument("--store-dtype", choices=("float32", "float16"), default="float32")
     cmd.add_argument("--shard-rows", type=int, default=65536, help="rows per shard (the unit of resumption)")
+    cmd.add_argument("--rank-timeout", type=float, default=3600.0,
+                     help="under torchrun: seconds a rank waits for the others to finish (default 3600)")
     cmd.add_argument("--data-dir", help="prepared data directory for --model default")
     cmd.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of a trusted fair-esm .pt")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
