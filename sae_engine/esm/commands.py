@@ -54,9 +54,15 @@ def _extract(args: argparse.Namespace) -> int:
     except (FastaError, ModelLoadError, StoreError, FileNotFoundError, ValueError) as error:
         print(f"sae-engine extract: error: {error}", file=sys.stderr)
         return 2
+    from ..parallel.mesh import torchrun_env
+
+    env = torchrun_env()
+    if env and env[1] > 1:  # windows and residues: this rank's share of the store
+        head = f"rank {env[0]} of {env[1]}: {summary.store}: {summary.rows:,} vectors in all; {summary.windows:,} windows here"
+    else:
+        head = f"{summary.store}: {summary.rows:,} vectors from {summary.windows:,} windows"
     print(
-        f"{summary.store}: {summary.rows:,} vectors from {summary.windows:,} windows"
-        f" ({summary.skipped:,} already there); {summary.residues:,} residues in {summary.seconds:.1f} s"
+        f"{head} ({summary.skipped:,} already there); {summary.residues:,} residues in {summary.seconds:.1f} s"
         f" ({summary.residues_per_second:,.0f} residues/s)"
     )
     return 0
