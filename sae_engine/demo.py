@@ -62,12 +62,13 @@ def _families(out_dir: Path, store: Path, ids: list[str], means: np.ndarray, see
     import torch
 
     from .evaluation.nulls import random_directions_in_store
-    from .features import (ProteinActivations, load_sae_backend, load_sae_code, pooled_dense, protein_activations,
+    from .features import (ProteinActivations, load_sae_code, pooled_dense, protein_activations,
                            signed_neurons, topk_code)
+    from .runs import load_trained_sae
 
     d = means.shape[1]
     sae_code, n = load_sae_code(out_dir / "sae")
-    protein_sae = load_sae_backend(out_dir / "protein_sae")
+    protein_sae = load_trained_sae(out_dir / "protein_sae")
     values, indices = (t.numpy() for t in protein_sae.encode(torch.from_numpy(means)))
     fired = (values > 0) & (indices >= 0)
     rows = np.broadcast_to(np.arange(len(ids))[:, None], values.shape)

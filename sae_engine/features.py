@@ -206,16 +206,11 @@ def topk_code(transform: Callable[[torch.Tensor], torch.Tensor], k: int) -> Code
     return code
 
 
-def load_sae_backend(run_dir: str | Path):
-    """A trained run's latest checkpoint as a TorchSAE on the CPU, in fp32 (analysis reads exact values)."""
-    from .runs import load_trained_sae
-
-    return load_trained_sae(run_dir)
-
-
 def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
     """The encoder of a trained run's latest checkpoint as a Code, and its number of features."""
-    sae = load_sae_backend(run_dir)
+    from .runs import load_trained_sae
+
+    sae = load_trained_sae(run_dir)
     return sae.encode, sae.config.model.n_latents
 
 

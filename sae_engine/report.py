@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import ProteinActivations, load_sae_backend
+from .features import ProteinActivations
+from .runs import load_trained_sae
 
 TOP_PROTEINS = 10
 
@@ -161,7 +162,7 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
     names = gene_names(data_dir)
     go_names = {row["go_id"]: row["go_name"] for row in table if row["go_id"]}
     annotations = _two_column(data_dir / "go_annotations.tsv")
-    sae = load_sae_backend(demo_dir / "sae")
+    sae = load_trained_sae(demo_dir / "sae")
     residues = _residue_rows(demo_dir / "store", layer)
 
     _pass_figure(evaluation, out / "pass.png")

@@ -128,11 +128,11 @@ def test_existing_output_and_layernorm_runs_are_refused(run, tmp_path, capsys):
 
 def test_export_folds_the_dataset_scale(run, tmp_path):
     """The folded model on raw x gives our latents and our reconstruction in raw units."""
-    from sae_engine.features import load_sae_backend
+    from sae_engine.runs import load_trained_sae
 
     assert cli_main(["export", str(run), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 0
     folded = load_model(tmp_path / "sp", "sparsify")
-    ours = load_sae_backend(run)
+    ours = load_trained_sae(run)
     assert float(ours.buffers["in_scale"]) != 1.0
     x = torch.randn(128, D) * 3
     v, i = folded.encode(x)

@@ -36,7 +36,7 @@ nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
 
 from sae_engine.cli import main as cli_main  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
-from sae_engine.features import load_sae_backend  # noqa: E402
+from sae_engine.runs import load_trained_sae  # noqa: E402
 from sae_engine.interop import InteropError, load_model  # noqa: E402
 from sae_engine.trainer import train  # noqa: E402
 
@@ -57,7 +57,7 @@ def _dense(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
 
 def _ours(run: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Our code [B, n] (dense, for comparison) and output [B, d_out] of a run's latest checkpoint."""
-    sae = load_sae_backend(run)
+    sae = load_trained_sae(run)
     m = sae.config.model
     values, indices = sae.encode(x)
     if not m.is_transcoder:
