@@ -37,10 +37,16 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         save_file(model, str(tmp / "model.safetensors"))
         save_file(state, str(tmp / "state.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True))
+    point_latest(final, keep)
+    return final
+
+
+def point_latest(final: Path, keep: int) -> None:
+    """Make ``latest`` name the complete checkpoint folder ``final``; keep the newest ``keep``."""
+    root = final.parent
     write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

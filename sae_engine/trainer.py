@@ -24,7 +24,7 @@ import torch
 
 from .backend import SAEBackend, run_precision
 from .buffer import RingBuffer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
@@ -188,11 +188,10 @@ class Trainer:
 
     def save(self) -> Path:
         meta, buffer_state = self._meta()
-        tensors = dict(self.backend.state_tensors())
-        tensors["buffer.unserved"] = buffer_state["unserved"].float()
-        tensors["buffer.rng"] = buffer_state["rng"]
+        ring = {"buffer.unserved": buffer_state["unserved"].float(), "buffer.rng": buffer_state["rng"]}
         if self.mesh is not None:
-            return parallel.save(self.run_dir, self.step, tensors, meta, self.mesh, self.config)
+            return parallel.save(self.run_dir, self.step, self.backend, ring, meta, self.mesh, self.config)
+        tensors = {**self.backend.state_tensors(), **ring}
         return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
@@ -200,18 +199,15 @@ class Trainer:
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
-        if parallel.needs_parallel_load(path, self.mesh):
-            tensors = parallel.load(path, self.backend, self.mesh, self.config)
-        else:
-            tensors, meta = load_checkpoint(path)
-        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
-            self.backend.load_state_tensors(tensors, 0, False)
+        imported = "imported_from" in meta  # `sae-engine import`: weights only, fresh optimizer, data from the start
+        counters = (0, False) if imported else (meta["adam_count"], meta["aux_active"])
+        ring = parallel.restore(path, self.backend, self.mesh, self.config, *counters)
+        if imported:
             log.warning(
                 "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
                 meta["imported_from"]["path"], meta["imported_from"]["format"])
             return
-        self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-        self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
+        self.buffer.load_state_dict({**meta["buffer"], "unserved": ring["buffer.unserved"], "rng": ring["buffer.rng"]})
         self.step = meta["step"]
         if self.is_main:
             self.log.truncate_after(self.step)
