@@ -65,6 +65,18 @@ def test_jax_mesh_errors_are_clear_and_write_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_asks_xla_for_the_mesh_host_devices(tmp_path):
+    """`sae-engine train` of a JAX mesh on the CPU starts without XLA_FLAGS: the CLI sets them."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    sets = [f"--set={item}" for item in _overrides(tmp_path / "run", 2, latent=2)]
+    done = subprocess.run([sys.executable, "-m", "sae_engine", "train", *sets], env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: step 2" in done.stdout
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step_000000002" / "meta.json").read_text())["mesh"] == \
+        {"data": 1, "latent": 2}
+
+
 # -- the cases, run in a process with host devices ------------------------------------------------
 
 def _overrides(out_dir: Path, steps: int, data: int = 1, latent: int = 1, backend: str = "jax") -> list[str]:
