@@ -3,6 +3,7 @@
 Layout of ``<run>/checkpoints/step_000001234/``:
     model.safetensors   the parameters and normalisation scales (what analysis needs)
     state.safetensors   optimizer moments, latent statistics, the ring buffer's unserved vectors
+                        and their stream positions
     meta.json           config, step, tokens seen, RNG and buffer counters, format version
 A checkpoint is written into a temporary folder and renamed into place, then ``latest`` (a
 one-line file naming it) is replaced atomically, so a crash at any moment leaves the previous

@@ -105,13 +105,25 @@ def _train(overrides: list[str], kill_at: int | None = None) -> int:
 
 def _state(run_dir: Path):
     """A run's latest state tensors, whole, as one process reads them (any checkpoint layout)."""
+    import torch
+
     from sae_engine.checkpoint import latest_checkpoint, load_checkpoint
+    from sae_engine.config import load_config
+    from sae_engine.parallel.checkpoint import is_sharded, load_rows
     from sae_engine.parallel.jax_checkpoint import is_orbax, read_ring, read_tensors
+    from sae_engine.torch_backend import TorchSAE
 
     path = latest_checkpoint(run_dir)
     if is_orbax(path):
-        return {**read_tensors(path), **read_ring(path)}
-    return load_checkpoint(path)[0]
+        state = {**read_tensors(path), **read_ring(path)}
+    elif is_sharded(path):
+        like = TorchSAE(load_config(None, BASE), torch.device("cpu")).state_tensors()
+        state = load_rows(path, like, 45, None, ("buffer.unserved", "buffer.unserved_positions", "buffer.rng"))
+    else:
+        state = load_checkpoint(path)[0]
+    # The firing statistics' last slot absorbs empty code slots; each torch rank keeps its own.
+    return {key: value[:-1] if key.startswith(("buffer.since_fired", "buffer.fire_count")) else value
+            for key, value in state.items()}
 
 
 def _assert_equal(got: dict, want: dict, exact: bool) -> None:
@@ -186,8 +198,28 @@ def _case_resume(tmp: Path) -> None:
         assert handle.metadata()["step"] == "24"
     torch.testing.assert_close(load_trained_sae(run).params["W_dec"], model["param.W_dec"], **TOL)
 
-    assert _train(_overrides(run, 27, backend="torch")) == 27  # the other backend reads orbax too
+    # torch ranks read their rows of the orbax checkpoint: saved again (as DCP) without a step,
+    # it holds the same state; then one torch process continues from that.
+    from sae_engine.parallel.launch import run_local
+
+    orbax_state = _state(run)
+    assert run_local(_train_torch_rank, 2, _overrides(run, 24, latent=2, backend="torch"), timeout=180) == [24, 24]
+    assert (latest_dir(run) / "dcp").is_dir()
+    _assert_equal(_state(run), orbax_state, exact=True)
+    assert _train(_overrides(run, 27, backend="torch")) == 27
     print("ok")
+
+
+def latest_dir(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _train_torch_rank(overrides: list[str]) -> int:
+    import torch.distributed as dist
+
+    step = _train(overrides)
+    dist.destroy_process_group()
+    return step
 
 
 def _case_train(out: Path, steps: int, data: int, latent: int, kill_at: int | None = None) -> None:

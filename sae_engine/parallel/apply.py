@@ -18,7 +18,7 @@ from ..config import ConfigError, RunConfig
 from .checkpoint import is_sharded, load_rows, save_sharded
 from .mesh import ParallelMesh, build_mesh
 
-BUFFER_KEYS = ("buffer.unserved", "buffer.rng")
+BUFFER_KEYS = ("buffer.unserved", "buffer.unserved_positions", "buffer.rng")
 
 
 class JaxMeshRun:
@@ -64,13 +64,16 @@ def parallelize(config: RunConfig, mesh: ParallelMesh | JaxMeshRun):
     return sharded_jax_backend(config, mesh.mesh, config.train.precision_resolved)
 
 
-def local_rows(batch: torch.Tensor, mesh: ParallelMesh | JaxMeshRun | None) -> torch.Tensor:
-    """This process's rows of a global batch [B, d]: [B / D, d] for a torch data rank; all of
-    them otherwise (a JAX mesh splits them over its devices itself)."""
-    if not isinstance(mesh, ParallelMesh):
-        return batch
-    size = batch.shape[0] // mesh.data
-    return batch[mesh.data_rank * size : (mesh.data_rank + 1) * size]
+def feed(source, capacity: int, dtype: torch.dtype, device: torch.device, seed: int,
+         mesh: ParallelMesh | JaxMeshRun | None):
+    """What this process trains on (see feed): its rows [B / D, d] of each global batch for a
+    torch data rank; every row otherwise (a JAX mesh splits them over its devices itself)."""
+    from .feed import make_feed
+
+    if isinstance(mesh, ParallelMesh):
+        return make_feed(source, capacity, dtype=dtype, device=device, seed=seed, data_rank=mesh.data_rank,
+                         data=mesh.data)
+    return make_feed(source, capacity, dtype=dtype, device=device, seed=seed)
 
 
 def any_rank(flag: bool, mesh: ParallelMesh | JaxMeshRun | None) -> bool:
@@ -102,15 +105,15 @@ def restore(path: Path, backend, mesh: ParallelMesh | JaxMeshRun | None, config:
     on ``mesh``; returns the ring buffer's tensors."""
     n = config.model.n_latents
     if (Path(path) / "orbax").is_dir():
-        from .jax_checkpoint import read_ring, read_tensors, restore_on_mesh
+        from .jax_checkpoint import read_ring, read_rows, read_tensors, restore_on_mesh
 
         if isinstance(mesh, JaxMeshRun):
             restore_on_mesh(path, backend, backend.layout, adam_count, aux_active)
         elif mesh is None:
             backend.load_state_tensors(read_tensors(path, list(backend.state_tensors())), adam_count, aux_active)
         else:
-            raise ConfigError(f"{path} was written by a JAX mesh run (orbax); resume it with train.backend = 'jax' "
-                              "or in one process")
+            like = backend.state_tensors()
+            backend.load_state_tensors(read_rows(path, like, *mesh.latent_range(n)), adam_count, aux_active)
         return read_ring(path)
     if isinstance(mesh, ParallelMesh):  # this rank's rows
         tensors = load_rows(path, backend.state_tensors(), n, mesh, BUFFER_KEYS)

@@ -4,7 +4,7 @@ Layout of ``<run>/checkpoints/step_000001234/``:
     orbax/             orbax's checkpoint of the backend's arrays as placed (``JaxSAE.state_arrays``:
                        per-latent arrays split over ``latent`` and padded to a multiple of L rows,
                        each shard written by the process holding it)
-    ring.safetensors   the ring buffer's unserved vectors and RNG state
+    ring.safetensors   the ring buffer's state tensors (unserved vectors and positions, RNG)
     meta.json          config, step, counters and mesh, as any checkpoint
 The folder is written under a temporary name and renamed, then ``latest`` is replaced: a crash
 leaves the previous checkpoint intact. On restore orbax reads each device's rows for the mesh at
@@ -98,6 +98,27 @@ def read_tensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.T
 def model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The model tensors (``MODEL_KEYS_PREFIXES``) of an orbax checkpoint, whole."""
     return read_tensors(path, [key for key in _stored(path) if key.startswith(MODEL_KEYS_PREFIXES)])
+
+
+def read_rows(path: Path, like: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """A torch latent rank's tensors from an orbax checkpoint: rows [lo, hi) of the per-latent
+    ones, read alone; the firing statistics' rows with ``like``'s absorbing slot (as
+    ``parallel.checkpoint.load_rows``); the rest whole. like: the rank's state tensors."""
+    folder = Path(path) / ORBAX
+    stored = _stored(path)
+    missing = sorted(set(like) - set(stored))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}")
+    out = {}
+    for key, t in like.items():
+        view = _open_array(folder, key)
+        counter = key.removeprefix("buffer.") in COUNTERS
+        if is_row_key(key) or counter:
+            rows = torch.from_numpy(np.array(view[lo:hi].read().result()))
+            out[key] = torch.cat([rows.long(), t[hi - lo :]]) if counter else rows
+        else:
+            out[key] = torch.from_numpy(np.array(view.read().result()))
+    return out
 
 
 def read_ring(path: Path) -> dict[str, torch.Tensor]:
