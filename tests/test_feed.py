@@ -124,9 +124,9 @@ def test_buffer_state_without_positions_is_a_clear_error_for_data_ranks():
 def _train_rank(overrides: list[str], kill_at: int | None = None) -> tuple[str, int, int]:
     """One data rank's run; with kill_at, rank 1 sends itself SIGKILL before that step."""
     import os
-    import signal
 
     import torch.distributed as dist
+    from kill import die_before_step
 
     from sae_engine.config import load_config
     from sae_engine.registry import build_source
@@ -135,14 +135,7 @@ def _train_rank(overrides: list[str], kill_at: int | None = None) -> tuple[str, 
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
     if kill_at is not None and os.environ["RANK"] == "1":
-        step = trainer.backend.train_step
-
-        def step_or_die(x, y, lr):
-            if trainer.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return step(x, y, lr)
-
-        trainer.backend.train_step = step_or_die
+        die_before_step(trainer, kill_at)
     step = trainer.run().step
     dist.destroy_process_group()
     return type(trainer.buffer).__name__, trainer.buffer.rows_read, step

@@ -109,14 +109,9 @@ def _train(overrides: list[str], kill_at: int | None = None) -> int:
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
     if kill_at is not None:
-        step = trainer.backend.train_step
+        from kill import die_before_step
 
-        def step_or_die(x, y, lr):
-            if trainer.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return step(x, y, lr)
-
-        trainer.backend.train_step = step_or_die
+        die_before_step(trainer, kill_at)
     return trainer.run().step
 
 
