@@ -6,8 +6,9 @@ global batch of B, in the order one process would serve them:
 
 * ``SharedOrderFeed`` (sources with ``random_access``): every rank runs the same ring buffer
   over stream *positions* (8 bytes a vector, no activations), which serves the same order the
-  buffer of vectors would, and reads from the source only the rows of its own share. Each
-  vector is read by the ranks of one data group only; checkpoints hold positions, not vectors.
+  buffer of vectors would, and reads from the source only the rows of its own share, one batch
+  ahead in a background thread (overlapping the step). Each vector is read by the ranks of one
+  data group only; checkpoints hold positions, not vectors.
 * ``KeepRowsFeed`` (streaming sources, e.g. ESM2 run live): every rank reads the whole stream
   into its own buffer and keeps its rows.
 
@@ -17,6 +18,7 @@ one global order (unserved positions always; vectors where the buffer holds them
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -48,19 +50,45 @@ class SharedOrderFeed:
         self.source, self.dtype, self.device, self.rank, self.parts = source, dtype, device, rank, parts
         self.order = RingBuffer(PositionSource(len(source)), capacity, dtype=torch.int64, seed=seed, background=False)
         self.rows_read = 0  # vectors this rank read from the source
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feed-read")
+        # The batch drawn ahead: (order state before drawing it, the request, its rows being read).
+        self._ahead: tuple[dict, tuple[int, bool], Future | None] | None = None
+
+    def _draw(self, batch_size: int, drop_last: bool) -> tuple[dict, tuple[int, bool], Future | None]:
+        before = self.order.state_dict()
+        positions = self.order.next_batch(batch_size, drop_last)
+        if positions is None:
+            return before, (batch_size, drop_last), None
+        share = len(positions) // self.parts
+        mine = positions[self.rank * share : (self.rank + 1) * share, 0]
+        pin = self.device.type == "cuda"
+        return before, (batch_size, drop_last), self._reader.submit(
+            lambda: self.source.rows(mine).pin_memory() if pin else self.source.rows(mine))
 
     def next_batch(self, batch_size: int, drop_last: bool = False) -> torch.Tensor | None:
         """This rank's rows [batch_size / parts, d] of the next global batch, or None at the end."""
-        positions = self.order.next_batch(batch_size, drop_last)
-        if positions is None:
+        if self._ahead is None or self._ahead[1] != (batch_size, drop_last):
+            self._rewind()
+            self._ahead = self._draw(batch_size, drop_last)
+        _, _, rows = self._ahead
+        if rows is None:
             return None
-        share = len(positions) // self.parts
-        mine = positions[self.rank * share : (self.rank + 1) * share, 0]
-        self.rows_read += len(mine)
-        return self.source.rows(mine).to(self.device, self.dtype)
+        batch = rows.result()
+        self.rows_read += len(batch)
+        self._ahead = self._draw(batch_size, drop_last)  # read while this batch trains
+        return batch.to(self.device, self.dtype, non_blocking=True)
+
+    def _rewind(self) -> None:
+        """Put back the batch drawn ahead (its rows are read again when it is drawn again)."""
+        if self._ahead is not None:
+            if self._ahead[2] is not None:
+                self._ahead[2].cancel()
+            self.order.load_state_dict(self._ahead[0])
+            self._ahead = None
 
     def state_dict(self) -> dict:
-        state = self.order.state_dict()
+        """The order's state after the batches served so far (not the one drawn ahead)."""
+        state = dict(self._ahead[0]) if self._ahead is not None else self.order.state_dict()
         del state["unserved"]  # the positions themselves, also under "unserved_positions"
         return state
 
@@ -69,6 +97,7 @@ class SharedOrderFeed:
         if positions is None or bool((positions < 0).any()):
             raise ValueError("this checkpoint's buffer state does not record the positions of its unserved vectors "
                              "(written before they were kept); resume it with parallel.data = 1")
+        self._rewind()
         self.order.load_state_dict({**state, "unserved": positions.unsqueeze(1)})
 
 
