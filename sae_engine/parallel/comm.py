@@ -1,6 +1,7 @@
-"""The collectives of one process group, with a count of the bytes each rank sends.
+"""The collectives of one process group, with counts of the collectives issued and the bytes
+each rank sends.
 
-The count follows the ring algorithms gloo and NCCL use: an all-gather of a tensor of ``s``
+The byte count follows the ring algorithms gloo and NCCL use: an all-gather of a tensor of ``s``
 bytes over ``p`` ranks sends ``(p - 1) * s`` bytes per rank, an all-reduce ``2 (p - 1) / p * s``.
 A group of one rank issues no collective and sends nothing.
 """
@@ -18,6 +19,7 @@ class Comm:
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.bytes_sent = 0
+        self.collectives = 0
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` stacked in rank order. t: [...] -> [size, ...]."""
@@ -26,6 +28,7 @@ class Comm:
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t, group=self.group)
+        self.collectives += 1
         self.bytes_sent += (self.size - 1) * t.numel() * t.element_size()
         return torch.stack(parts)
 
@@ -33,6 +36,7 @@ class Comm:
         """Sum of every rank's ``t``, in place; returns ``t``."""
         if self.size > 1:
             dist.all_reduce(t, group=self.group)
+            self.collectives += 1
             self.bytes_sent += 2 * (self.size - 1) * t.numel() * t.element_size() // self.size
         return t
 
