@@ -10,8 +10,9 @@ crosses ranks, and only that:
   ``latent``; the error is then the same on every latent rank, and each rank forms the sparse
   gradients of its own rows;
 * batch sums (variance, losses, the b_dec gradient's encoder part) over ``data`` and ``latent``;
-* gradients: summed over ``data`` (row-sparse by gathering touched rows, or dense, whichever
-  sends fewer bytes), clipped by the global norm over all shards, then the plain backend's own
+* gradients: summed over ``data`` in three collectives (``grad_sum``: the dense ones bucketed
+  and overlapped with the row-sparse exchange, touched rows or dense, whichever sends fewer
+  bytes), clipped by the global norm over all shards, then the plain backend's own
   optimizer and decoder-norm step run on its rows;
 * AuxK: dead latents per shard, the aux top-k over them by the same exact sharded selection.
 
@@ -28,6 +29,7 @@ from sae_kernels import RowSparseGrad
 from ..backend import code_width, selection_width
 from ..config import RunConfig
 from ..torch_backend import TorchSAE
+from .grad_sum import sum_over_data
 from .init_rows import initial_rows
 from .mesh import ParallelMesh
 from .selection import owned, sharded_decode, sharded_topk
@@ -146,7 +148,7 @@ class ShardedTorchSAE:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
         """One step on this data rank's rows x [b, d_in], y [b, d_out] of the global batch."""
         metrics, grads, (values, indices) = self.loss_and_grads(x, y)
-        grads = self._reduce_over_data(grads)
+        grads = sum_over_data(grads, self.data, self.hi - self.lo, allow_dense=self.config.train.optimizer == "adam")
         factor = self._clip_factor(grads)
         if factor is not None:
             grads = _scaled(grads, factor)
@@ -212,38 +214,6 @@ class ShardedTorchSAE:
         aux_loss = self._batch_sum(aux_error.pow(2)) / residual_variance
         return aux_loss, (aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False)
 
-    def _reduce_over_data(self, grads: dict) -> dict:
-        """Gradients summed over the data ranks: dense ones by all-reduce, row-sparse ones by
-        gathering the touched rows, or densely when that sends fewer bytes (dense Adam only)."""
-        if self.data.size == 1:
-            return grads
-        out = {name: self.data.all_reduce(g) for name, g in grads.items() if isinstance(g, torch.Tensor)}
-        for name in ("W_enc", "W_dec"):
-            out[name] = self._reduce_rows(grads[name])
-        return out
-
-    def _reduce_rows(self, grad: RowSparseGrad) -> RowSparseGrad:
-        n_local = self.hi - self.lo
-        touched = self.data.all_gather(torch.tensor([grad.rows.numel()], device=grad.rows.device)).max().item()
-        width = grad.grad.shape[1] + (grad.bias_grad is not None)
-        sparse_bytes = (self.data.size - 1) * touched * (width * 4 + 8)
-        dense_bytes = 2 * (self.data.size - 1) * n_local * width * 4 // self.data.size
-        if dense_bytes < sparse_bytes and self.config.train.optimizer == "adam":
-            rows = torch.arange(n_local, device=grad.rows.device)
-            bias = None
-            if grad.bias_grad is not None:
-                bias = self.data.all_reduce(grad.bias_grad.new_zeros(n_local).index_copy_(0, grad.rows, grad.bias_grad))
-            return RowSparseGrad(rows, self.data.all_reduce(grad.to_dense(n_local)), bias)
-        every_rows = torch.cat(self.data.all_gather_rows(grad.rows))
-        rows, inverse = torch.unique(every_rows, sorted=True, return_inverse=True)
-        summed = grad.grad.new_zeros(rows.numel(), grad.grad.shape[1])
-        summed.index_add_(0, inverse, torch.cat(self.data.all_gather_rows(grad.grad)))
-        bias = None
-        if grad.bias_grad is not None:
-            bias = grad.bias_grad.new_zeros(rows.numel())
-            bias.index_add_(0, inverse, torch.cat(self.data.all_gather_rows(grad.bias_grad)))
-        return RowSparseGrad(rows, summed, bias)
-
     def _clip_factor(self, grads: dict) -> torch.Tensor | None:
         """optax.clip_by_global_norm's factor, the norm taken over every shard's rows."""
         bound = self.config.train.grad_clip
@@ -281,3 +251,4 @@ def _scaled(grads: dict, factor: torch.Tensor) -> dict:
         else:
             out[name] = g * factor
     return out
+
