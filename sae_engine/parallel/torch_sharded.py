@@ -24,7 +24,7 @@ import dataclasses
 
 import torch
 
-from sae_kernels import RowSparseGrad
+from sae_kernels import EMPTY
 
 from ..backend import code_width, selection_width
 from ..config import RunConfig
@@ -42,9 +42,7 @@ class ShardedTorchSAE:
         self.config, self.mesh, self.impl = config, mesh, impl
         m = config.model
         self.lo, self.hi = mesh.latent_range(m.n_latents)
-        # The plain backend owns its rows only; clipping needs the norm over all shards, so it is done here.
-        local = dataclasses.replace(config, model=dataclasses.replace(m, n_latents=self.hi - self.lo),
-                                    train=dataclasses.replace(config.train, grad_clip=None))
+        local = dataclasses.replace(config, model=dataclasses.replace(m, n_latents=self.hi - self.lo))
         self.plain = TorchSAE(local, mesh.device, config.train.precision_resolved)
         rows = initial_rows(m.n_latents, m.d_in, m.target_dim, m.is_transcoder, config.train.seed, self.lo, self.hi)
         for name, value in rows.items():
@@ -86,35 +84,18 @@ class ShardedTorchSAE:
     def _encode(self, x_c: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The global code of the encoder input [b, d_in]. -> values, global indices [b, k']."""
         m = self.config.model
-        W_enc, b_enc, _ = self.plain._weights()
+        W_enc, b_enc, _ = self.plain.compute_weights()
         width = selection_width(m) if training else code_width(m)
         values, indices = self._select(x_c.to(self.plain.compute_dtype), W_enc, b_enc, width, self.row_ids)
-        if m.kind == "batchtopk":
-            values, indices = self._batch_topk(values, indices, training)
+        if m.kind == "batchtopk":  # the cutoff over the global batch: every data rank's candidates
+            every = self.data.all_gather(values.float().flatten()).flatten() if training else None
+            values, indices = self.plain.batch_topk(values, indices, training, every)
         return values, indices
-
-    def _batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool):
-        """The B*k largest values of the global batch (every data rank's candidates), as TorchSAE."""
-        threshold = self.plain.buffers["batchtopk_threshold"]
-        if training:
-            every = self.data.all_gather(values.float().flatten()).flatten()
-            budget = min(values.shape[0] * self.data.size * self.config.model.k, every.numel())
-            cutoff = every.topk(budget, sorted=False).values.min()
-            kept = every >= cutoff
-            smallest = torch.where(kept & (every > 0), every, torch.inf).min()
-            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
-            keep = values.float() >= cutoff
-        else:
-            keep = values.float() >= threshold
-        return values * keep, indices.masked_fill(~keep, -1)
 
     def _decode(self, values: torch.Tensor, indices: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
         """Reconstruction of a global code [b, k], with b_dec and the skip connection. -> [b, d_out] fp32."""
-        _, _, W_dec = self.plain._weights()
-        out = sharded_decode(values, indices, W_dec, self.lo, self.latent) + self.plain.params["b_dec"]
-        if "W_skip" in self.plain.params:
-            out = out + xn @ self.plain.params["W_skip"].T
-        return out
+        _, _, W_dec = self.plain.compute_weights()
+        return self.plain.add_decoder_biases(sharded_decode(values, indices, W_dec, self.lo, self.latent), xn)
 
     def _batch_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over this rank's rows and every data rank's (0-d)."""
@@ -130,14 +111,14 @@ class ShardedTorchSAE:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global sparse code of raw activations x [b, d_in]; the same on every latent rank."""
-        xn = self.plain._norm_in(x.to(self.mesh.device))
-        return self._encode(self.plain._encoder_input(xn), training=False)
+        xn = self.plain.normalize_input(x.to(self.mesh.device))
+        return self._encode(self.plain.encoder_input(xn), training=False)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data that every rank holds whole (no data collective)."""
-        xn, yn = self.plain._norm_in(x.to(self.mesh.device)), self.plain._norm_out(y.to(self.mesh.device))
-        values, indices = self._encode(self.plain._encoder_input(xn), training=False)
+        xn, yn = self.plain.normalize_input(x.to(self.mesh.device)), self.plain.normalize_target(y.to(self.mesh.device))
+        values, indices = self._encode(self.plain.encoder_input(xn), training=False)
         recon = self._decode(values, indices, xn)
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {"eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
@@ -149,13 +130,14 @@ class ShardedTorchSAE:
         """One step on this data rank's rows x [b, d_in], y [b, d_out] of the global batch."""
         metrics, grads, (values, indices) = self.loss_and_grads(x, y)
         grads = sum_over_data(grads, self.data, self.hi - self.lo, allow_dense=self.config.train.optimizer == "adam")
-        factor = self._clip_factor(grads)
-        if factor is not None:
-            grads = _scaled(grads, factor)
-        self.plain._apply(grads, lr)
-        every_values = self.data.all_gather(values).flatten(0, 1)
-        every_indices = self.data.all_gather(indices).flatten(0, 1)
-        self.plain._track_firing(every_values, owned(every_indices, self.lo, self.hi), every_values.shape[0])
+        factor = None
+        if self.config.train.grad_clip is not None:  # the global norm: every shard's rows, the replicated rest once
+            rows, dense = self.plain.gradient_squares(grads)
+            sharded = self.latent.all_reduce(rows.sum().reshape(1)).reshape(())
+            factor = self.plain.clip_factor((sharded + dense.sum()).sqrt())
+        self.plain.apply_gradients(grads, lr, factor)
+        fired = self.data.all_gather(torch.where(values > 0, indices, EMPTY)).flatten(0, 1)
+        self.plain.track_firing(owned(fired, self.lo, self.hi), fired.shape[0])
         return metrics
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
@@ -166,8 +148,8 @@ class ShardedTorchSAE:
         """
         m = self.config.model
         plain = self.plain
-        xn, yn = plain._norm_in(x), plain._norm_out(y)
-        x_c = plain._encoder_input(xn)
+        xn, yn = plain.normalize_input(x), plain.normalize_target(y)
+        x_c = plain.encoder_input(xn)
         values, indices = self._encode(x_c, training=True)
         main_values, main_indices = (values[:, : m.k], indices[:, : m.k]) if m.multi_topk else (values, indices)
         error = self._decode(main_values, main_indices, xn) - yn
@@ -187,7 +169,7 @@ class ShardedTorchSAE:
             dec_terms.append(aux_term)
 
         local_terms = [(g, v, owned(i, self.lo, self.hi), shared) for g, v, i, shared in dec_terms]
-        grads = plain._backward(xn, x_c, values, owned(indices, self.lo, self.hi), local_terms)
+        grads = plain.backward(xn, x_c, values, owned(indices, self.lo, self.hi), local_terms)
         if not m.is_transcoder:
             # The plain backward subtracts only this rank's part of the encoder's dx sum.
             decoder_part = sum(g for g, _, _, shared in dec_terms if shared).sum(dim=0)
@@ -199,33 +181,19 @@ class ShardedTorchSAE:
     def _aux_term(self, x_c: torch.Tensor, error: torch.Tensor):
         """AuxK over the dead latents of every shard; None when none is dead. -> (loss, decoder term)."""
         m = self.config.model
-        dead = torch.nonzero(self.plain.buffers["since_fired"][: self.hi - self.lo] > m.dead_tokens).squeeze(1)
+        dead = self.plain.dead_latents()
         total_dead = int(self.latent.all_reduce(torch.tensor([dead.numel()], device=x_c.device)).item())
         if total_dead == 0:
             return None
-        W_enc, b_enc, _ = self.plain._weights()
+        W_enc, b_enc, W_dec = self.plain.compute_weights()
         aux_values, aux_indices = self._select(x_c.to(self.plain.compute_dtype), W_enc[dead], b_enc[dead],
                                                min(m.aux_k, total_dead), dead + self.lo)
-        _, _, W_dec = self.plain._weights()
         aux_recon = sharded_decode(aux_values, aux_indices, W_dec, self.lo, self.latent)
         residual = error.detach()
         residual_variance = self._total_variance(residual).clamp_min(1e-12)
         aux_error = aux_recon - residual
         aux_loss = self._batch_sum(aux_error.pow(2)) / residual_variance
         return aux_loss, (aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False)
-
-    def _clip_factor(self, grads: dict) -> torch.Tensor | None:
-        """optax.clip_by_global_norm's factor, the norm taken over every shard's rows."""
-        bound = self.config.train.grad_clip
-        if bound is None:
-            return None
-        enc, dec = grads["W_enc"], grads["W_dec"]
-        sharded = enc.grad.pow(2).sum() + enc.bias_grad.pow(2).sum() + dec.grad.pow(2).sum()
-        squares = self.latent.all_reduce(sharded.reshape(1)).reshape(()) + grads["b_dec"].pow(2).sum()
-        if "W_skip" in grads:
-            squares = squares + grads["W_skip"].pow(2).sum()
-        norm = squares.sqrt()
-        return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -240,15 +208,4 @@ class ShardedTorchSAE:
         buffers["fire_count"].zero_()
         self.plain.aux_active = bool(counts[0] > 0)
         return {"dead_fraction": counts[0].item() / m.n_latents, "dense_fraction": counts[1].item() / m.n_latents}
-
-
-def _scaled(grads: dict, factor: torch.Tensor) -> dict:
-    """Every gradient times the clipping factor."""
-    out = {}
-    for name, g in grads.items():
-        if isinstance(g, RowSparseGrad):
-            out[name] = RowSparseGrad(g.rows, g.grad * factor, None if g.bias_grad is None else g.bias_grad * factor)
-        else:
-            out[name] = g * factor
-    return out
 
