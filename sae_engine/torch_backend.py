@@ -14,12 +14,17 @@ BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row'
 The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
 out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
 
-The step's parts (normalisation, encoder input, weights in the compute dtype, BatchTopK, the
-decoder's biases, the backward, clipping, the optimizer step, firing statistics) are public
-methods, so a wrapper that splits the batch or the latents over processes
-(``sae_engine.parallel.torch_sharded``) recombines them around its collectives.
+Everything in a step that would cross processes when the batch or the latents are split over
+several (selection over all latents, decoding, sums over the batch) goes through a
+``StepSplit``; the default, ``OneProcess``, is the plain computation. The other parts of a step
+(normalisation, BatchTopK, the backward, clipping, the optimizer step, firing statistics) are
+public methods, so a wrapper that splits the model (``sae_engine.parallel.torch_sharded``)
+passes its own ``StepSplit`` and adds what else it needs (the gradient sum over data ranks).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
 
 import torch
 
@@ -50,16 +55,92 @@ def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return values, indices
 
 
+class StepSplit(Protocol):
+    """What crosses processes in a step when the batch (rows) or the latents are split.
+
+    A process holds B rows of a batch of N and the latent rows of its own model (the ``n`` of
+    its config) of ``n_latents`` in all; a code's indices are global latent ids.
+    """
+
+    n_latents: int
+
+    def select(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+               row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``topk_encode`` over the latents of every process. x: [B, d]; W_enc [m, d], b_enc [m]:
+        the rows row_ids [m] (ascending) of this process's model (None: all of them).
+        -> values [B, k] in x's dtype, global indices [B, k]."""
+
+    def decode_sum(self, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        """``sparse_decode`` of a code [B, k] with global indices over every process's decoder
+        rows (W_dec: this process's). -> [B, d] fp32."""
+
+    def owned(self, indices: torch.Tensor) -> torch.Tensor:
+        """Global indices [B, k] as rows of this process's model; EMPTY where another owns them."""
+
+    def latent_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes holding the other latents of the same rows."""
+
+    def batch_candidates(self, values: torch.Tensor) -> torch.Tensor | None:
+        """BatchTopK's candidates of the whole batch, [N * w] fp32 (None: ``values`` [B, w] are all)."""
+
+    def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of t [B, ...] over the whole batch. -> 0-d."""
+
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of t [B] over the whole batch. -> 0-d."""
+
+    def total_variance(self, y: torch.Tensor) -> torch.Tensor:
+        """Squared deviation of y [B, d] from the batch mean, summed over the whole batch. -> 0-d."""
+
+
+class OneProcess:
+    """The ``StepSplit`` of a model and batch held whole by one process."""
+
+    def __init__(self, n_latents: int) -> None:
+        self.n_latents = n_latents
+
+    def select(self, x, W_enc, b_enc, k, row_ids=None):
+        values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k)
+        if row_ids is not None:
+            indices = torch.where(indices >= 0, row_ids[indices.clamp_min(0)], EMPTY)
+        return values, indices
+
+    def decode_sum(self, values, indices, W_dec):
+        return sae_kernels.sparse_decode(values, indices, W_dec).float()
+
+    def owned(self, indices):
+        return indices
+
+    def latent_sum(self, t):
+        return t
+
+    def batch_candidates(self, values):
+        return None
+
+    def batch_sum(self, t):
+        return t.sum()
+
+    def batch_mean(self, t):
+        return t.mean()
+
+    def total_variance(self, y):
+        return (y - y.mean(dim=0)).pow(2).sum()
+
+
 class TorchSAE:
     """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device
     (``sae_engine.backend.SAEBackend``)."""
 
     def __init__(self, config: RunConfig, device: torch.device, precision: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, split: StepSplit | None = None) -> None:
         """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
-        decided for ``device`` (``sae_engine.precision``)."""
+        decided for ``device`` (``sae_engine.precision``). ``split``: how the step's batch and
+        latents are spread over processes (None: ``OneProcess``)."""
         self.config = config
         self.device = device
+        self.split: StepSplit = split or OneProcess(config.model.n_latents)
+        # Code widths and AuxK's k follow the latents of every process, not this one's part.
+        self.whole_model = dataclasses.replace(config.model, n_latents=self.split.n_latents)
         m = config.model
         self.precision = precision or resolve_precision(config.train.precision, device.type).dtype
         self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -158,14 +239,6 @@ class TorchSAE:
             keep = values.float() >= threshold
         return values * keep, indices.masked_fill(~keep, EMPTY)
 
-    def add_decoder_biases(self, partial: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
-        """The prediction from the code's decoder sum partial [B, d_out] fp32: plus b_dec, plus
-        W_skip xn (xn [B, d_in]) for a transcoder with a skip connection. -> [B, d_out] fp32."""
-        out = partial + self.params["b_dec"]
-        if "W_skip" in self.params:
-            out = out + xn @ self.params["W_skip"].T
-        return out
-
     def dead_latents(self) -> torch.Tensor:
         """Latents that have not fired for more than ``model.dead_tokens`` tokens. -> [m] int64, ascending."""
         n = self.config.model.n_latents
@@ -177,16 +250,20 @@ class TorchSAE:
         """Sparse code of the encoder input, in the compute dtype. -> values, indices [B, w]:
         w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
         code), ``code_width`` at inference."""
-        m = self.config.model
+        m = self.whole_model
         width = selection_width(m) if training else code_width(m)
-        values, indices = sae_kernels.topk_encode(x_c.to(self.compute_dtype), W_enc, b_enc, width)
+        values, indices = self.split.select(x_c.to(self.compute_dtype), W_enc, b_enc, width)
         if m.kind == "batchtopk":
-            values, indices = self.batch_topk(values, indices, training)
+            every = self.split.batch_candidates(values) if training else None
+            values, indices = self.batch_topk(values, indices, training, every)
         return values, indices
 
     def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
         """Prediction in the normalised target space. -> [B, d_out] fp32."""
-        return self.add_decoder_biases(sae_kernels.sparse_decode(values.to(W_dec.dtype), indices, W_dec).float(), xn)
+        out = self.split.decode_sum(values.to(W_dec.dtype), indices, W_dec) + self.params["b_dec"]
+        if "W_skip" in self.params:
+            out = out + xn @ self.params["W_skip"].T
+        return out
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,10 +322,10 @@ class TorchSAE:
         return metrics
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward and sparse backward without touching the parameters.
+        """Forward and sparse backward without touching the parameters. x: [B, d_in], y: [B, d_out].
 
-        Returns (metrics, grads by parameter name (W_enc and W_dec row-sparse, W_enc's carrying
-        b_enc's), the main code (values, indices) [B, k]).
+        Returns (metrics over the whole batch, grads by parameter name (``backward``'s; the
+        batch's sums over this process's rows), the main code (values, global indices) [B, k]).
         """
         m = self.config.model
         k = m.k
@@ -260,8 +337,8 @@ class TorchSAE:
         main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
         recon = self._decode(main_values, main_indices, W_dec, xn)
         error = recon - yn
-        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
-        fvu = error.pow(2).sum() / total_variance
+        total_variance = self.split.total_variance(yn)
+        fvu = self.split.batch_sum(error.pow(2)) / total_variance
         loss = fvu
 
         # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code).
@@ -269,30 +346,31 @@ class TorchSAE:
         dec_terms = [(g_recon, main_values, main_indices, True)]
         if m.multi_topk:
             error_multi = self._decode(values, indices, W_dec, xn) - yn
-            loss = loss + error_multi.pow(2).sum() / total_variance / 8
+            loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance / 8
             dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
         aux_loss = torch.zeros((), device=self.device)
-        dead = self.dead_latents() if self.aux_active else None
-        if dead is not None and len(dead) and m.aux_coef > 0:
+        dead = self.dead_latents() if self.aux_active and m.aux_coef > 0 else None
+        total_dead = 0 if dead is None else int(self.split.latent_sum(torch.tensor([len(dead)], device=self.device)).item())
+        if total_dead:
             # The AuxK GEMM runs over the dead rows only: its cost scales with how many are dead.
-            aux_values, aux_local = sae_kernels.topk_encode(
-                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(m.aux_k, len(dead))
+            aux_values, aux_indices = self.split.select(
+                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(self.whole_model.aux_k, total_dead), dead
             )
-            aux_indices = torch.where(aux_local >= 0, dead[aux_local.clamp_min(0)], EMPTY)
-            aux_recon = sae_kernels.sparse_decode(aux_values, aux_indices, W_dec).float()
+            aux_recon = self.split.decode_sum(aux_values, aux_indices, W_dec)
             residual = error.detach()
-            residual_variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            residual_variance = self.split.total_variance(residual).clamp_min(1e-12)
             aux_error = aux_recon - residual
-            aux_loss = aux_error.pow(2).sum() / residual_variance
+            aux_loss = self.split.batch_sum(aux_error.pow(2)) / residual_variance
             loss = loss + m.aux_coef * aux_loss
             dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
 
-        grads = self.backward(xn, x_c, values, indices, dec_terms)
+        own = self.split.owned
+        grads = self.backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
         metrics = {
             "loss": loss,
             "fvu": fvu,
             "aux_loss": aux_loss,
-            "l0": (main_values > 0).sum(dim=1).float().mean(),
+            "l0": self.split.batch_mean((main_values > 0).sum(dim=1).float()),
         }
         return metrics, grads, (main_values, main_indices)
 
@@ -339,7 +417,7 @@ class TorchSAE:
         )
         grads["W_enc"] = enc.W_enc
         if not self.config.model.is_transcoder:
-            grads["b_dec"] = grads["b_dec"] - enc.dx.sum(dim=0)  # x_c = x - b_dec
+            grads["b_dec"] = grads["b_dec"] - self.split.latent_sum(enc.dx.sum(dim=0))  # x_c = x - b_dec
         return grads
 
     def _remove_parallel(self, grad: RowSparseGrad) -> RowSparseGrad:
