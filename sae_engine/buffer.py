@@ -9,8 +9,12 @@ yet served, so each batch mixes vectors from many chunks of the source.
 Guarantees: every vector read from the source is served exactly once (no duplicates within or
 across fills, nothing skipped); ``tokens_read`` and ``tokens_served`` count exactly; when the
 source ends, the remaining vectors are drained and iteration stops (a final short batch is
-returned unless ``drop_last``). ``state_dict`` captures the unserved vectors, the source
-position and the RNG, so a restored buffer serves exactly the batches the original would have.
+returned unless ``drop_last``). ``state_dict`` captures the unserved vectors and their stream
+positions, the source position and the RNG, so a restored buffer serves exactly the batches the
+original would have; from positions alone when the source reads rows by position. The serving
+order depends only on the capacity, the seed and the source's length (not on its chunking or
+the producer's speed), which is what lets data-parallel ranks replay it over positions
+(:mod:`sae_engine.parallel.feed`).
 On CUDA the refill's host-to-device copies run on their own stream.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ class RingBuffer:
         self.capacity = capacity
         self.device = torch.device(device)
         self.storage = torch.empty(capacity, source.d, dtype=dtype, device=self.device)
+        self.positions = torch.full((capacity,), -1, dtype=torch.int64)  # each slot's position in the source
         self.generator = torch.Generator().manual_seed(seed)
         self.background = background
         self.tokens_read = 0
@@ -93,6 +98,7 @@ class RingBuffer:
             if self.device.type == "cuda" and piece.device.type == "cpu":
                 piece = piece.pin_memory()  # pinned, so the host-to-device copy is asynchronous
             self.storage.index_copy_(0, target, piece.to(self.device, self.storage.dtype, non_blocking=True))
+            self.positions[slots[filled : filled + take]] = torch.arange(self.tokens_read, self.tokens_read + take)
             if take < chunk.shape[0]:
                 self._leftover = chunk[take:]
             filled += take
@@ -164,7 +170,8 @@ class RingBuffer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Unserved vectors (queued, then refilled but not merged), source position and RNG state."""
+        """Unserved vectors (queued, then refilled but not merged) and their stream positions,
+        source position and RNG state."""
         if self._pending:
             self._wait_refill()
         # A chunk remainder that did not fit is not saved: tokens_read excludes it, so the
@@ -172,6 +179,7 @@ class RingBuffer:
         parts = [self.storage[self._queue.to(self.device)], self.storage[self._fresh.to(self.device)]]
         return {
             "unserved": torch.cat(parts).cpu(),
+            "unserved_positions": torch.cat([self.positions[self._queue], self.positions[self._fresh]]),
             "n_queued": len(self._queue),
             "n_fresh": len(self._fresh),
             "pending": self._pending,
@@ -182,12 +190,22 @@ class RingBuffer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a buffer saved by ``state_dict`` (same capacity, source and dtype)."""
-        unserved = state["unserved"]
+        """Restore a buffer saved by ``state_dict`` (same capacity, source and dtype). Without
+        "unserved" the vectors are read back by position (sources with ``random_access``)."""
         n_queued, n_fresh = int(state["n_queued"]), int(state["n_fresh"])
         held = n_queued + n_fresh
         if held > self.capacity:
             raise ValueError(f"saved buffer holds {held} vectors, more than this buffer's capacity {self.capacity}")
+        positions = state.get("unserved_positions")  # absent in checkpoints from before positions were kept
+        self.positions.fill_(-1)
+        if positions is not None:
+            self.positions[:held] = positions
+        unserved = state.get("unserved")
+        if unserved is None:
+            if positions is None or not getattr(self.source, "random_access", False):
+                raise ValueError("the saved buffer state holds neither its unserved vectors nor positions this "
+                                 "source can read back")
+            unserved = self.source.rows(positions) if held else torch.empty(0, self.source.d)
         self.storage[:held] = unserved.to(self.device, self.storage.dtype)
         self._queue = torch.arange(n_queued)
         self._fresh = torch.arange(n_queued, held)

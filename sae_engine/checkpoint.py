@@ -3,6 +3,7 @@
 Layout of ``<run>/checkpoints/step_000001234/``:
     model.safetensors   the parameters and normalisation scales (what analysis needs)
     state.safetensors   optimizer moments, latent statistics, the ring buffer's unserved vectors
+                        and their stream positions
     meta.json           config, step, tokens seen, RNG and buffer counters, format version
 A checkpoint is written into a temporary folder and renamed into place, then ``latest`` (a
 one-line file naming it) is replaced atomically, so a crash at any moment leaves the previous
@@ -37,10 +38,16 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         save_file(model, str(tmp / "model.safetensors"))
         save_file(state, str(tmp / "state.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True))
+    point_latest(final, keep)
+    return final
+
+
+def point_latest(final: Path, keep: int) -> None:
+    """Make ``latest`` name the complete checkpoint folder ``final``; keep the newest ``keep``."""
+    root = final.parent
     write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

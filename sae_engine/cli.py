@@ -4,8 +4,9 @@ Each subcommand lives in the module named in :data:`COMMANDS` and is imported on
 the one being run, so ``sae-engine --help`` and ``sae-engine train`` on synthetic data work
 without the optional extras (fair-esm, scipy, JAX); a command whose extra is missing says, in
 one line, which extra to install. Only this entry point changes process-wide state: it tunes
-glibc's allocator (:func:`sae_engine.memory.tune_allocator`) and sends the library's log
-messages to stderr; library functions never do.
+glibc's allocator (:func:`sae_engine.memory.tune_allocator`), sends the library's log messages
+to stderr and, for a JAX mesh run, asks XLA for that many host devices (used where JAX runs on
+the CPU); library functions never do.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.set)
+        _host_devices_for(config)
         result = train(config)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         print(f"sae-engine train: error: {error}", file=sys.stderr)
@@ -64,6 +66,19 @@ def _train(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{key}={value:.4g}" for key, value in result.final.items() if key in ("fvu", "eval_fvu", "l0", "dead_fraction"))
     print(f"{state}: step {result.step}, {result.tokens} tokens, {summary}; run folder {result.run_dir}")
     return 0
+
+
+def _host_devices_for(config) -> None:
+    """A JAX mesh on the CPU needs that many host devices, which XLA reads from XLA_FLAGS when JAX
+    starts: set it here (before JAX is imported) unless the user already chose a count."""
+    import os
+
+    devices = config.parallel.world_size
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (config.train.backend != "jax" or devices == 1 or "xla_force_host_platform_device_count" in flags
+            or "jax" in sys.modules):
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .checkpoint import latest_checkpoint
 from .runs import load_run_weights
 
 
@@ -38,7 +39,17 @@ def export_native(run_dir: str | Path, out: str | Path) -> Path:
 
     if export_if_sharded(run_dir, out):  # a sharded run, streamed shard by shard
         return out
+    checkpoint = latest_checkpoint(Path(run_dir)) if Path(run_dir).is_dir() else None
+    if checkpoint is not None and (checkpoint / "orbax").is_dir():  # a JAX mesh run, streamed likewise
+        from .parallel.jax_checkpoint import export_orbax
+
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        return export_orbax(checkpoint, out, _file_metadata(meta["config"], meta["step"]))
     weights = load_run_weights(run_dir)
-    write_safetensors_atomic(weights.tensors, out, {"config": json.dumps(weights.config, sort_keys=True),
-                                                    "step": str(weights.step)})
+    write_safetensors_atomic(weights.tensors, out, _file_metadata(weights.config, weights.step))
     return out
+
+
+def _file_metadata(config: dict, step: int) -> dict[str, str]:
+    """The native export's file metadata: the run's config as JSON and its step."""
+    return {"config": json.dumps(config, sort_keys=True), "step": str(step)}

@@ -22,14 +22,18 @@ and dtypes (optax's ``ScaleByAdamState`` mu, nu and count become ``adam.m.*``, `
 ``adam_count``), so a run started in one backend resumes in the other. Batches arrive as torch
 tensors from the ring buffer and cross over through DLPack without a copy.
 
-Multi-device: ``shard_batch`` lays a batch out over a ``jax.sharding.Mesh`` axis ("data");
-parameters stay replicated and XLA inserts the reductions, so results equal one device's.
+Placement (``Layout``): by default the state lives on the devices of the batch it trains on,
+replicated; ``shard_batch`` lays a batch out over a ``jax.sharding.Mesh`` axis ("data") and XLA
+inserts the reductions. ``sae_engine.parallel.jax_mesh`` gives a layout from outside that also
+splits the latents over a mesh axis; the model then holds its per-latent arrays padded to
+``Layout.rows(n)`` rows (padding rows are never selected and stay zero; checkpoint tensors have
+exactly n rows).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -86,21 +90,33 @@ class DataScale(nnx.Variable):
     """A normalisation scale for inputs or targets, fixed by ``JaxSAE.initialize``."""
 
 
-class SparseAutoencoder(nnx.Module):
-    """A TopK / BatchTopK SAE or transcoder (see the module docstring for its variables)."""
+def pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    """a [m, ...] with zero rows appended up to ``rows`` (m <= rows)."""
+    return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) if rows > a.shape[0] else a
 
-    def __init__(self, config: ModelConfig, seed: int, compute_dtype: jnp.dtype = jnp.float32) -> None:
+
+class SparseAutoencoder(nnx.Module):
+    """A TopK / BatchTopK SAE or transcoder (see the module docstring for its variables).
+
+    ``kernels``: what computes codes (``sae_kernels.jax`` or a layout's mesh version); ``rows``:
+    rows of W_enc, b_enc and W_dec, n or more (rows past n are padding, never selected).
+    """
+
+    def __init__(self, config: ModelConfig, seed: int, compute_dtype: jnp.dtype = jnp.float32,
+                 kernels: Any = kernels, rows: int | None = None) -> None:
         self.config = config
         self.compute_dtype = compute_dtype
+        self.kernels = kernels
+        self.rows = rows or config.n_latents
         # Initial weights come from the torch generator so both backends start identically.
         gen = torch.Generator().manual_seed(seed)
         n, d_in, d_out = config.n_latents, config.d_in, config.target_dim
         W_dec = torch.randn(n, d_out, generator=gen)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5 if config.is_transcoder else W_dec.clone()
-        self.W_enc = nnx.Param(jnp.asarray(W_enc.numpy()))
-        self.b_enc = nnx.Param(jnp.zeros(n, jnp.float32))
-        self.W_dec = nnx.Param(jnp.asarray(W_dec.numpy()))
+        self.W_enc = nnx.Param(pad_rows(jnp.asarray(W_enc.numpy()), self.rows))
+        self.b_enc = nnx.Param(jnp.zeros(self.rows, jnp.float32))
+        self.W_dec = nnx.Param(pad_rows(jnp.asarray(W_dec.numpy()), self.rows))
         self.b_dec = nnx.Param(jnp.zeros(d_out, jnp.float32))
         self.W_skip = nnx.Param(jnp.zeros((d_out, d_in), jnp.float32)) if config.skip_connection else None
         self.since_fired = LatentStat(jnp.zeros(n + 1, jnp.int32))
@@ -127,6 +143,14 @@ class SparseAutoencoder(nnx.Module):
             return _layer_normalize(x)
         return x.astype(jnp.float32) * scale[...]
 
+    def selectable(self, mask: jax.Array | None = None) -> jax.Array | None:
+        """The latent mask [rows] for a selection: ``mask`` [n] (None: every latent) without the
+        padding rows; None when there is neither."""
+        n = self.config.n_latents
+        if self.rows == n:
+            return mask
+        return pad_rows(jnp.ones(n, bool) if mask is None else mask, self.rows)
+
     def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """W_enc, b_enc, W_dec in the compute dtype."""
         cd = self.compute_dtype
@@ -144,7 +168,8 @@ class SparseAutoencoder(nnx.Module):
         x_c = xn if m.is_transcoder else xn - self.b_dec[...]
         W_enc, b_enc, _ = self._weights()
         width = selection_width(m) if training else code_width(m)
-        values, indices = kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, width)
+        values, indices = self.kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, width,
+                                                   latent_mask=self.selectable())
         if m.kind == "batchtopk":
             threshold = self.batchtopk_threshold[...]
             if training:
@@ -164,7 +189,7 @@ class SparseAutoencoder(nnx.Module):
         """Code values/indices [B, w] (and normalised input xn [B, d_in]) -> the prediction in the
         normalised target space, fp32 [B, d_out]."""
         _, _, W_dec = self._weights()
-        out = kernels.sparse_decode(values.astype(W_dec.dtype), indices, W_dec).astype(jnp.float32) + self.b_dec[...]
+        out = self.kernels.sparse_decode(values.astype(W_dec.dtype), indices, W_dec).astype(jnp.float32) + self.b_dec[...]
         if self.W_skip is not None:
             out = out + xn @ self.W_skip[...].T
         return out
@@ -187,10 +212,10 @@ class SparseAutoencoder(nnx.Module):
         if aux_active and m.aux_coef > 0:
             W_enc, b_enc, W_dec = self._weights()
             dead = self.since_fired[: m.n_latents] > m.dead_tokens
-            aux_v, aux_i = kernels.topk_encode(
-                x_c.astype(self.compute_dtype), W_enc, b_enc, m.aux_k, latent_mask=dead
+            aux_v, aux_i = self.kernels.topk_encode(
+                x_c.astype(self.compute_dtype), W_enc, b_enc, m.aux_k, latent_mask=self.selectable(dead)
             )
-            aux_recon = kernels.sparse_decode(aux_v, aux_i, W_dec).astype(jnp.float32)
+            aux_recon = self.kernels.sparse_decode(aux_v, aux_i, W_dec).astype(jnp.float32)
             residual = jax.lax.stop_gradient(error)
             residual_variance = jnp.maximum(jnp.sum((residual - residual.mean(axis=0)) ** 2), 1e-12)
             # Zero when no latent is dead, as in the PyTorch backend, which then skips the pass.
@@ -203,12 +228,12 @@ class SparseAutoencoder(nnx.Module):
     # -- the unit-norm decoder and the statistics ----------------------------------------------
 
     def project_decoder_grad(self, g: jax.Array) -> jax.Array:
-        """Remove from each row of the W_dec gradient g [n, d_out] its component along the row."""
+        """Remove from each row of the W_dec gradient g [rows, d_out] its component along the row."""
         W_dec = self.W_dec[...]
         return g - jnp.sum(g * W_dec, axis=1, keepdims=True) * W_dec
 
     def renormalize_decoder(self, touched: jax.Array | None) -> None:
-        """Scale W_dec's rows back to unit norm: all of them, or those where touched [n] is True."""
+        """Scale W_dec's rows back to unit norm: all of them, or those where touched [rows] is True."""
         W_dec = self.W_dec[...]
         normalized = _normalize_rows(W_dec)
         self.W_dec[...] = normalized if touched is None else jnp.where(touched[:, None], normalized, W_dec)
@@ -280,8 +305,8 @@ def _train_step(
     touched = None
     if train.optimizer == "row_sparse_adam":
         # Rows that received gradient: every latent of any code in this step (main, Multi-TopK, AuxK).
-        n, code = model.config.n_latents, aux["code_indices"]
-        touched = jnp.zeros(n + 1, bool).at[jnp.where(code >= 0, code, n)].set(True)[:n]
+        rows, code = model.rows, aux["code_indices"]
+        touched = jnp.zeros(rows + 1, bool).at[jnp.where(code >= 0, code, rows)].set(True)[:rows]
         updates, opt_state = tx.update(grads, opt_state, params, touched=touched)
     else:
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -312,23 +337,68 @@ def _device_precision(requested: str) -> str:
     return resolve_precision(requested, device.platform).dtype
 
 
-class JaxSAE:
-    """TopK / BatchTopK SAE or transcoder trained with JAX on its default device
-    (``sae_engine.backend.SAEBackend``)."""
+class Layout(Protocol):
+    """Where a ``JaxSAE``'s arrays live and what computes its codes.
 
-    def __init__(self, config: RunConfig, precision: str | None = None) -> None:
+    ``kernels``: an object with ``sae_kernels.jax``'s ``topk_encode`` and ``sparse_decode``.
+    """
+
+    kernels: Any
+
+    def rows(self, n: int) -> int:
+        """Rows of the per-latent arrays for n latents (n, or n padded to split evenly)."""
+        ...
+
+    def place_state(self, tree: Any, batch: jax.Array) -> Any:
+        """The backend's (model state, optimizer state) placed for training on ``batch``."""
+        ...
+
+    def place_batch(self, x: jax.Array) -> jax.Array:
+        """An input [B, ...] placed where the kernels read it."""
+        ...
+
+
+class OneDevice:
+    """The default layout: ``sae_kernels.jax``, the state replicated over the batch's devices."""
+
+    kernels = kernels
+
+    def rows(self, n: int) -> int:
+        return n
+
+    def place_state(self, tree: Any, batch: jax.Array) -> Any:
+        # As the step returns it: arrays made fresh (initialisation, loading, reset counters)
+        # would otherwise compile the step once more.
+        sharding = batch.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(tree, sharding)
+
+    def place_batch(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class JaxSAE:
+    """TopK / BatchTopK SAE or transcoder trained with JAX (``sae_engine.backend.SAEBackend``),
+    on JAX's default device or as a ``Layout`` places it."""
+
+    def __init__(self, config: RunConfig, precision: str | None = None, layout: Layout | None = None) -> None:
         """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
-        decided for JAX's default device (``sae_engine.precision``)."""
+        decided for JAX's default device (``sae_engine.precision``). ``layout``: ``OneDevice()``
+        by default."""
         self.config = config
         self.precision = precision or _device_precision(config.train.precision)
+        self.layout = layout or OneDevice()
         compute_dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
-        model = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype)
+        self.rows = self.layout.rows(config.model.n_latents)
+        model = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype, self.layout.kernels,
+                                  self.rows)
         # Held split, so a step passes the state to the compiled function without walking the module.
         self.graphdef, self.state = nnx.split(model)
         self._train = _static(config.train)
         self.opt_state = make_optimizer(self._train).init(model.params())
         self.aux_active = False  # see TorchSAE.aux_active
-        self._placement: jax.sharding.Sharding | None = None  # where the state was last placed
+        self._placed_for: jax.sharding.Sharding | None = None  # the batch sharding the state was placed for
 
     @property
     def model(self) -> SparseAutoencoder:
@@ -338,7 +408,7 @@ class JaxSAE:
     def _store(self, model: SparseAutoencoder) -> None:
         # Whether merge shares Variables with the state it came from is Flax's detail: re-split.
         self.state = nnx.state(model)
-        self._placement = None
+        self._placed_for = None
 
     @property
     def params(self) -> Params:
@@ -374,19 +444,20 @@ class JaxSAE:
 
     # -- the training step ---------------------------------------------------------------------
 
+    def _in(self, t: torch.Tensor) -> jax.Array:
+        """A torch input as a JAX array where the layout's kernels read it."""
+        return self.layout.place_batch(to_jax(t))
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, jax.Array]:
         """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out] torch tensors."""
-        xj = to_jax(x)
-        return self.train_step_arrays(xj, xj if y is x else to_jax(y), lr)
+        xj = self._in(x)
+        return self.train_step_arrays(xj, xj if y is x else self._in(y), lr)
 
     def train_step_arrays(self, xj: jax.Array, yj: jax.Array, lr: float) -> dict[str, jax.Array]:
         """``train_step`` on JAX arrays, which may be sharded over a mesh (see ``shard_batch``)."""
-        # Place the state as the step returns it (replicated over the batch's devices): arrays
-        # made fresh (initialisation, loading, reset counters) would compile the step once more.
-        placement = _replicated(xj.sharding)
-        if placement != self._placement:
-            self.state, self.opt_state = jax.device_put((self.state, self.opt_state), placement)
-            self._placement = placement
+        if xj.sharding != self._placed_for:
+            self.state, self.opt_state = self.layout.place_state((self.state, self.opt_state), xj)
+            self._placed_for = xj.sharding
         self.state, self.opt_state, metrics = _train_step(
             self.graphdef, self._train, self.state, self.opt_state, xj, yj, jnp.float32(lr), self.aux_active
         )
@@ -397,7 +468,7 @@ class JaxSAE:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data x [B, d_in], y [B, d_out] (BatchTopK by its threshold)."""
         model = self.model
-        xn, yn = model.normalize(to_jax(x), model.in_scale), model.normalize(to_jax(y), model.out_scale)
+        xn, yn = model.normalize(self._in(x), model.in_scale), model.normalize(self._in(y), model.out_scale)
         values, indices, _ = model.encode(xn, training=False)
         recon = model.decode(values, indices, xn)
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
@@ -409,7 +480,7 @@ class JaxSAE:
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64 (torch)."""
         model = self.model
-        values, indices, _ = model.encode(model.normalize(to_jax(x), model.in_scale), training=False)
+        values, indices, _ = model.encode(model.normalize(self._in(x), model.in_scale), training=False)
         return to_torch(values.astype(jnp.float32)), to_torch(indices).long()
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -418,8 +489,8 @@ class JaxSAE:
         if m.normalize == "layernorm" and m.is_transcoder:
             raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
                              "their raw scale is unknown")
-        xj = to_jax(x).astype(jnp.float32)
-        out = model.decode(to_jax(values), to_jax(indices.long()), model.normalize(xj, model.in_scale))
+        xj = self._in(x).astype(jnp.float32)
+        out = model.decode(self._in(values), self._in(indices.long()), model.normalize(xj, model.in_scale))
         if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
             out = out * jnp.sqrt(xj.var(axis=1, keepdims=True) + 1e-5) + xj.mean(axis=1, keepdims=True)
         else:
@@ -445,44 +516,58 @@ class JaxSAE:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors with the PyTorch backend's names, dtypes and shapes."""
-        out = {f"param.{name}": to_torch(p) for name, p in self.params.items()}
-        for name, b in self.buffers.items():
-            out[f"buffer.{name}"] = to_torch(b).long() if name in COUNTERS else to_torch(b)
+    def state_arrays(self) -> dict[str, jax.Array]:
+        """The state as JAX arrays under checkpoint names, as placed (per-latent ones with their
+        ``rows``, counters int32); ``state_tensors`` is their torch form with n rows."""
+        out = {f"param.{name}": p for name, p in self.params.items()}
+        out.update({f"buffer.{name}": b for name, b in self.buffers.items()})
         for moment, field in (("m", "mu"), ("v", "nu")):  # ScaleByAdamState.mu and .nu
-            for name, t in optax.tree.get(self.opt_state, field).items():
-                out[f"adam.{moment}.{name}"] = to_torch(t)
+            out.update({f"adam.{moment}.{name}": t for name, t in optax.tree.get(self.opt_state, field).items()})
         return out
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
-        """Restore from ``state_tensors`` (of either backend) and the optimizer's step count."""
-        def j(name: str) -> jax.Array:
-            # jnp.array copies: the torch tensors may be live parameters updated in place.
-            t = tensors[name]
-            if name.removeprefix("buffer.") in COUNTERS:  # counters saturate rather than wrap in int32
-                return jnp.array(t.clamp_max(2**31 - 1).numpy(), dtype=jnp.int32)
-            return jnp.array(t.numpy(), dtype=jnp.float32)
-
+    def load_state_arrays(self, arrays: dict[str, jax.Array], adam_count: int, aux_active: bool) -> None:
+        """Restore from ``state_arrays``' names and shapes (per-latent ones with ``rows`` rows)."""
         names = list(self.params)
-        values = {name: j(f"param.{name}") for name in names}
-        values.update({name: j(f"buffer.{name}") for name in self.buffers})
+        values = {name: arrays[f"param.{name}"] for name in names}
+        values.update({name: arrays[f"buffer.{name}"] for name in self.buffers})
         nnx.replace_by_pure_dict(self.state, values)
         self.opt_state = optax.tree.set(
             self.opt_state,
             count=jnp.asarray(adam_count, jnp.int32),
-            mu={name: j(f"adam.m.{name}") for name in names},
-            nu={name: j(f"adam.v.{name}") for name in names},
+            mu={name: arrays[f"adam.m.{name}"] for name in names},
+            nu={name: arrays[f"adam.v.{name}"] for name in names},
         )
-        self._placement = None
+        self._placed_for = None
         self.aux_active = aux_active
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors with the PyTorch backend's names, dtypes and shapes."""
+        n = self.config.model.n_latents
+        out = {}
+        for key, a in self.state_arrays().items():
+            t = to_torch(a)
+            if is_row_key(key):
+                t = t[:n]
+            out[key] = t.long() if key.removeprefix("buffer.") in COUNTERS else t
+        return out
 
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """A sharding that replicates over the devices of ``sharding`` (a batch's)."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return sharding
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
+        """Restore from ``state_tensors`` (of either backend) and the optimizer's step count."""
+        def j(key: str) -> jax.Array:
+            # jnp.array copies: the torch tensors may be live parameters updated in place.
+            t = tensors[key]
+            if key.removeprefix("buffer.") in COUNTERS:  # counters saturate rather than wrap in int32
+                return jnp.array(t.clamp_max(2**31 - 1).numpy(), dtype=jnp.int32)
+            a = jnp.array(t.numpy(), dtype=jnp.float32)
+            return pad_rows(a, self.rows) if is_row_key(key) else a
+
+        self.load_state_arrays({key: j(key) for key in self.state_arrays()}, adam_count, aux_active)
+
+
+def is_row_key(key: str) -> bool:
+    """Whether a checkpoint tensor has one row per latent (param / Adam moments of W_enc, b_enc,
+    W_dec; the firing statistics have n + 1 slots and are not)."""
+    return key.rsplit(".", 1)[-1] in ROW_PARAMS and not key.startswith("buffer.")
 
 
 def shard_batch(batch: jax.Array, mesh: jax.sharding.Mesh, axis: str = "data") -> jax.Array:

@@ -1,10 +1,11 @@
 """Reading a trained run: the model of its latest checkpoint, in either checkpoint layout.
 
 A single-process checkpoint holds ``model.safetensors``; a sharded one holds ``dcp/`` (written
-by torch.distributed.checkpoint, each rank its rows), read here whole in one process. The peer
-formats, the native export of a single-process run and analysis (:func:`load_trained_sae`) read
-runs through :func:`load_run_weights`; the native export streams a sharded run instead
-(:mod:`sae_engine.parallel.export`), never holding it whole.
+by torch.distributed.checkpoint, each rank its rows) or ``orbax/`` (a JAX mesh run), read here
+whole in one process. The peer formats, the native export of a single-process run and analysis
+(:func:`load_trained_sae`) read runs through :func:`load_run_weights`; the native export streams
+a sharded run instead (:mod:`sae_engine.parallel.export`, :mod:`sae_engine.parallel.jax_checkpoint`),
+never holding it whole.
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Checkpoint ``path``'s model file, or its sharded model tensors with every rank's rows joined."""
+    if (path / "orbax").is_dir():
+        from .parallel.jax_checkpoint import model_tensors
+
+        return model_tensors(path)
     if not (path / "dcp").is_dir():
         return load_file(str(path / "model.safetensors"))
     from torch.distributed.checkpoint.api import CheckpointException

@@ -1,7 +1,9 @@
 """Activation sources for the ring buffer: in-memory arrays, memory-mapped shards, synthetic data.
 
 Each source yields chunks ``[m, d]`` from a given vector offset (``iter_from``), which is what
-lets a restored ring buffer continue exactly where a checkpoint left it. :class:`OffsetSource`
+lets a restored ring buffer continue exactly where a checkpoint left it. Sources with
+``random_access`` also read rows by position (``rows``): data-parallel ranks then read only their
+share of each batch (:mod:`sae_engine.parallel.feed`). :class:`OffsetSource`
 and :class:`PairedSource` combine sources (the training part after the held-out head; inputs
 and targets of a transcoder). The built-in ``synthetic`` and ``shards`` sources, with their
 ``[data.synthetic]`` and ``[data.shards]`` options, are registered at the end
@@ -38,6 +40,21 @@ class ActivationSource(Protocol):
         ...
 
 
+class RandomAccessSource(ActivationSource, Protocol):
+    """A source that also reads rows by position (``random_access`` True)."""
+
+    random_access: bool
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The vectors at ``positions`` [m] (int64, any order), as [m, d]."""
+        ...
+
+
+def has_random_access(source: ActivationSource) -> bool:
+    """Whether ``source`` reads rows by position (``rows``)."""
+    return bool(getattr(source, "random_access", False))
+
+
 class ArraySource:
     """Vectors held in memory: a tensor or numpy array ``[N, d]`` served in chunks."""
 
@@ -48,12 +65,17 @@ class ArraySource:
         self.d = self.data.shape[1]
         self.chunk_size = chunk_size
 
+    random_access = True
+
     def __len__(self) -> int:
         return self.data.shape[0]
 
     def iter_from(self, start: int) -> Iterator[torch.Tensor]:
         for lo in range(start, len(self), self.chunk_size):
             yield self.data[lo : lo + self.chunk_size]
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.data[positions]
 
 
 class ShardSource:
@@ -81,9 +103,24 @@ class ShardSource:
             raise ValueError(f"activation shards disagree on d: {listed}")
         self.d = widths.pop()
         self.chunk_size = chunk_size
+        self.starts = np.cumsum([0] + [array.shape[0] for _, array in self.shards])  # shard i: [starts[i], starts[i+1])
+
+    random_access = True
 
     def __len__(self) -> int:
-        return sum(array.shape[0] for _, array in self.shards)
+        return int(self.starts[-1])
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows by position, each shard's read in ascending order (one gather per shard touched)."""
+        where = positions.numpy()
+        shard = np.searchsorted(self.starts, where, side="right") - 1
+        out = np.empty((len(where), self.d), dtype=self.shards[0][1].dtype)
+        for i in np.unique(shard):
+            picked = np.nonzero(shard == i)[0]
+            local = where[picked] - self.starts[i]
+            order = np.argsort(local, kind="stable")
+            out[picked[order]] = self.shards[i][1][local[order]]
+        return torch.from_numpy(out)
 
     def iter_from(self, start: int) -> Iterator[torch.Tensor]:
         offset = 0
@@ -110,6 +147,17 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.total
 
+    random_access = True
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows by position: every chunk they fall in is generated (this source's reads are compute)."""
+        chunk = positions // self.chunk_size
+        out = torch.empty(len(positions), self.d)
+        for index in chunk.unique().tolist():
+            picked = (chunk == index).nonzero().squeeze(1)
+            out[picked] = self._chunk(index)[positions[picked] - index * self.chunk_size]
+        return out
+
     def _chunk(self, index: int) -> torch.Tensor:
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
         m = min(self.chunk_size, self.total - index * self.chunk_size)
@@ -128,6 +176,10 @@ class OffsetSource:
 
     def __init__(self, inner: ActivationSource, offset: int) -> None:
         self.inner, self.offset, self.d = inner, offset, inner.d
+        self.random_access = has_random_access(inner)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.inner.rows(positions + self.offset)
 
     def __len__(self) -> int:
         return len(self.inner) - self.offset
@@ -144,6 +196,10 @@ class PairedSource:
             raise ValueError(f"transcoder inputs hold {len(inputs)} vectors but targets hold {len(targets)}")
         self.inputs, self.targets = inputs, targets
         self.d = inputs.d + targets.d
+        self.random_access = has_random_access(inputs) and has_random_access(targets)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inputs.rows(positions).float(), self.targets.rows(positions).float()], dim=1)
 
     def __len__(self) -> int:
         return len(self.inputs)

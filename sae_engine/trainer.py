@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from .backend import SAEBackend, run_precision
-from .buffer import RingBuffer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .metrics import JsonlLog, plot_curves
 from .optim import learning_rate
@@ -34,6 +33,7 @@ from .registry import build_source
 from .sources import ActivationSource, OffsetSource
 
 log = logging.getLogger(__name__)
+RING_TENSORS = ("unserved", "unserved_positions", "rng")  # the feed's state kept as checkpoint tensors
 
 
 class TrainingError(RuntimeError):
@@ -161,7 +161,7 @@ class Trainer:
         if self.is_main:
             log.info("computing in %s (%s)", precision.dtype, precision.reason)
         dtype = torch.bfloat16 if precision.dtype == "bf16" else torch.float32
-        self.buffer = RingBuffer(self.train_source, d.buffer_size, dtype=dtype, device=self.device, seed=d.seed)
+        self.buffer = parallel.feed(self.train_source, d.buffer_size, dtype, self.device, d.seed, self.mesh)
         available = len(self.train_source)
         budget = min(config.train.max_tokens or available, available)
         self.total_steps = budget // config.train.batch_size
@@ -183,16 +183,17 @@ class Trainer:
             "tokens": self.step * self.config.train.batch_size,
             "adam_count": self.backend.adam_count,
             "aux_active": self.backend.aux_active,
-            "buffer": {key: value for key, value in buffer_state.items() if key not in ("unserved", "rng")},
+            "buffer": {key: value for key, value in buffer_state.items() if key not in RING_TENSORS},
         }, buffer_state
 
     def save(self) -> Path:
         meta, buffer_state = self._meta()
-        tensors = dict(self.backend.state_tensors())
-        tensors["buffer.unserved"] = buffer_state["unserved"].float()
-        tensors["buffer.rng"] = buffer_state["rng"]
+        ring = {f"buffer.{key}": buffer_state[key] for key in RING_TENSORS if key in buffer_state}
+        if "buffer.unserved" in ring:
+            ring["buffer.unserved"] = ring["buffer.unserved"].float()
         if self.mesh is not None:
-            return parallel.save(self.run_dir, self.step, tensors, meta, self.mesh, self.config)
+            return parallel.save(self.run_dir, self.step, self.backend, ring, meta, self.mesh, self.config)
+        tensors = {**self.backend.state_tensors(), **ring}
         return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
@@ -200,18 +201,16 @@ class Trainer:
         if meta["config"]["model"] != self.config.to_dict()["model"]:
             raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                               "use another train.out_dir or the same model settings")
-        if parallel.needs_parallel_load(path, self.mesh):
-            tensors = parallel.load(path, self.backend, self.mesh, self.config)
-        else:
-            tensors, meta = load_checkpoint(path)
-        if "imported_from" in meta:  # `sae-engine import`: weights only, fresh optimizer, data from the start
-            self.backend.load_state_tensors(tensors, 0, False)
+        imported = "imported_from" in meta  # `sae-engine import`: weights only, fresh optimizer, data from the start
+        counters = (0, False) if imported else (meta["adam_count"], meta["aux_active"])
+        ring = parallel.restore(path, self.backend, self.mesh, self.config, *counters)
+        if imported:
             log.warning(
                 "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
                 meta["imported_from"]["path"], meta["imported_from"]["format"])
             return
-        self.backend.load_state_tensors(tensors, meta["adam_count"], meta["aux_active"])
-        self.buffer.load_state_dict({**meta["buffer"], "unserved": tensors["buffer.unserved"], "rng": tensors["buffer.rng"]})
+        self.buffer.load_state_dict({**meta["buffer"], **{key: ring[f"buffer.{key}"] for key in RING_TENSORS
+                                                          if f"buffer.{key}" in ring}})
         self.step = meta["step"]
         if self.is_main:
             self.log.truncate_after(self.step)
@@ -245,7 +244,7 @@ class Trainer:
                 batch = self.buffer.next_batch(t.batch_size, drop_last=True)
                 if batch is None:
                     break
-                x, y = _split(parallel.local_rows(batch, self.mesh), self.config.model.d_in)
+                x, y = _split(batch, self.config.model.d_in)
                 lr = learning_rate(self.step, self.total_steps, lr_peak, t.warmup_steps, t.decay, t.decay_start)
                 metrics = self.backend.train_step(x, y, lr)
                 _check_finite(self.step, batch, metrics)

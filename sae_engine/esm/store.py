@@ -239,9 +239,15 @@ class StoreSource:
         self._shards = ShardSource(self.store.shard_paths(layer), chunk_size=chunk_size)
         self.d = self._shards.d
 
+    random_access = True
+
     def __len__(self) -> int:
         return len(self._shards)
 
     def iter_from(self, start: int) -> Iterator[torch.Tensor]:
         return self._shards.iter_from(start)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """The vectors at ``positions`` [m] (any order), as [m, d]."""
+        return self._shards.rows(positions)
 

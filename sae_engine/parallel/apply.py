@@ -1,65 +1,125 @@
-"""Apply a mesh to a run from outside: the trainer calls these and nothing else of the package."""
+"""Apply a mesh to a run from outside: the trainer calls these and nothing else of the package.
+
+Two kinds of mesh: a torch.distributed ``ParallelMesh`` (one process per rank, started by
+torchrun; train.backend = "torch") and a ``JaxMeshRun`` (one process driving a jax.sharding
+mesh of its devices; train.backend = "jax"). Each function does the right thing for either.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import load_checkpoint
 from ..config import ConfigError, RunConfig
 from .checkpoint import is_sharded, load_rows, save_sharded
 from .mesh import ParallelMesh, build_mesh
 
-BUFFER_KEYS = ("buffer.unserved", "buffer.rng")
+BUFFER_KEYS = ("buffer.unserved", "buffer.unserved_positions", "buffer.rng")
 
 
-def setup(config: RunConfig, device: torch.device) -> ParallelMesh | None:
+class JaxMeshRun:
+    """A JAX run over a (data, latent) mesh of this process's devices; the ring buffer is on the CPU."""
+
+    device = torch.device("cpu")
+    is_main = True
+
+    def __init__(self, config: RunConfig) -> None:
+        from .jax_mesh import build_jax_mesh
+
+        self.data, self.latent = config.parallel.data, config.parallel.latent
+        self.mesh = build_jax_mesh(self.data, self.latent)
+
+
+def setup(config: RunConfig, device: torch.device) -> ParallelMesh | JaxMeshRun | None:
     """The mesh ``[parallel]`` asks for (None: one plain process); ConfigError before any write."""
-    if config.train.batch_size % config.parallel.data:
+    p = config.parallel
+    if config.train.batch_size % p.data:
         raise ConfigError(f"train.batch_size = {config.train.batch_size} does not split over parallel.data = "
-                          f"{config.parallel.data} ranks")
-    mesh = build_mesh(config.parallel, config.model.n_latents, device.type)
-    if mesh is not None and config.train.backend != "torch":
-        raise ConfigError("[parallel] larger than 1 x 1 runs the torch backend (train.backend = 'torch')")
-    return mesh
+                          f"{p.data} ranks")
+    if config.train.backend == "jax":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("train.backend = 'jax' drives its mesh from one process; start it without torchrun "
+                              "(python -m sae_engine train ...)")
+        if p.world_size == 1:
+            return None
+        why = p.check_latents(config.model.n_latents)
+        if why:
+            raise ConfigError(f"parallel.latent = {p.latent}: {why} (model.n_latents = {config.model.n_latents})")
+        return JaxMeshRun(config)
+    return build_mesh(p, config.model.n_latents, device.type)
 
 
-def parallelize(config: RunConfig, mesh: ParallelMesh):
-    """The torch backend with its latents split over ``mesh`` (see torch_sharded)."""
-    from .torch_sharded import ShardedTorchSAE
+def parallelize(config: RunConfig, mesh: ParallelMesh | JaxMeshRun):
+    """The run's backend laid out over ``mesh`` (torch: see torch_sharded; JAX: see jax_mesh)."""
+    if isinstance(mesh, ParallelMesh):
+        from .torch_sharded import ShardedTorchSAE
 
-    return ShardedTorchSAE(config, mesh)
+        return ShardedTorchSAE(config, mesh)
+    from .jax_mesh import sharded_jax_backend
 
-
-def local_rows(batch: torch.Tensor, mesh: ParallelMesh | None) -> torch.Tensor:
-    """This data rank's rows of a global batch [B, d] -> [B / D, d]."""
-    if mesh is None:
-        return batch
-    size = batch.shape[0] // mesh.data
-    return batch[mesh.data_rank * size : (mesh.data_rank + 1) * size]
+    return sharded_jax_backend(config, mesh.mesh, config.train.precision_resolved)
 
 
-def any_rank(flag: bool, mesh: ParallelMesh | None) -> bool:
+def feed(source, capacity: int, dtype: torch.dtype, device: torch.device, seed: int,
+         mesh: ParallelMesh | JaxMeshRun | None):
+    """What this process trains on (see feed): its rows [B / D, d] of each global batch for a
+    torch data rank; every row otherwise (a JAX mesh splits them over its devices itself)."""
+    from .feed import make_feed
+
+    if isinstance(mesh, ParallelMesh):
+        return make_feed(source, capacity, dtype=dtype, device=device, seed=seed, data_rank=mesh.data_rank,
+                         data=mesh.data)
+    return make_feed(source, capacity, dtype=dtype, device=device, seed=seed)
+
+
+def any_rank(flag: bool, mesh: ParallelMesh | JaxMeshRun | None) -> bool:
     """Whether ``flag`` holds on any rank: every rank stops at the same step (a signal reaches
     torchrun's processes at different moments, and a rank that stops alone hangs the rest)."""
-    if mesh is None:
+    if not isinstance(mesh, ParallelMesh):
         return flag
     votes = torch.tensor([float(flag)], device=mesh.device)
     dist.all_reduce(votes)
     return bool(votes.item() > 0)
 
 
-def save(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], mesh: ParallelMesh,
-         config: RunConfig) -> Path:
-    return save_sharded(run_dir, step, tensors, meta, mesh, config.model.n_latents, config.train.keep_checkpoints)
+def save(run_dir: Path, step: int, backend, ring: dict[str, torch.Tensor], meta: dict[str, Any],
+         mesh: ParallelMesh | JaxMeshRun, config: RunConfig) -> Path:
+    """Write a checkpoint of a mesh run: DCP for torch, orbax for JAX; ``ring``: the buffer's tensors."""
+    keep = config.train.keep_checkpoints
+    if isinstance(mesh, ParallelMesh):
+        tensors = {**backend.state_tensors(), **ring}
+        return save_sharded(run_dir, step, tensors, meta, mesh, config.model.n_latents, keep)
+    from .jax_checkpoint import save_orbax
+
+    meta = {**meta, "mesh": {"data": mesh.data, "latent": mesh.latent}}
+    return save_orbax(run_dir, step, backend.state_arrays(), ring, meta, keep)
 
 
-def load(path: Path, backend, mesh: ParallelMesh | None, config: RunConfig) -> dict[str, torch.Tensor]:
-    """This process's state tensors and the ring buffer's from a checkpoint of any mesh."""
-    return load_rows(path, backend.state_tensors(), config.model.n_latents, mesh, BUFFER_KEYS)
+def restore(path: Path, backend, mesh: ParallelMesh | JaxMeshRun | None, config: RunConfig, adam_count: int,
+            aux_active: bool) -> dict[str, torch.Tensor]:
+    """Load a checkpoint of any layout (single-process, DCP or orbax) into this process's backend
+    on ``mesh``; returns the ring buffer's tensors."""
+    n = config.model.n_latents
+    if (Path(path) / "orbax").is_dir():
+        from .jax_checkpoint import read_ring, read_rows, read_tensors, restore_on_mesh
 
-
-def needs_parallel_load(path: Path, mesh: ParallelMesh | None) -> bool:
-    """Whether a checkpoint is read through DCP / row slices rather than loaded whole."""
-    return mesh is not None or is_sharded(path)
+        if isinstance(mesh, JaxMeshRun):
+            restore_on_mesh(path, backend, backend.layout, adam_count, aux_active)
+        elif mesh is None:
+            backend.load_state_tensors(read_tensors(path, list(backend.state_tensors())), adam_count, aux_active)
+        else:
+            like = backend.state_tensors()
+            backend.load_state_tensors(read_rows(path, like, *mesh.latent_range(n)), adam_count, aux_active)
+        return read_ring(path)
+    if isinstance(mesh, ParallelMesh):  # this rank's rows
+        tensors = load_rows(path, backend.state_tensors(), n, mesh, BUFFER_KEYS)
+    elif is_sharded(path):  # one process (a JAX mesh: then placed on it) reads every rank's rows
+        tensors = load_rows(path, backend.state_tensors(), n, None, BUFFER_KEYS)
+    else:
+        tensors = load_checkpoint(path)[0]
+    backend.load_state_tensors(tensors, adam_count, aux_active)
+    return tensors

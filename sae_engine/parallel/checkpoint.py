@@ -102,7 +102,7 @@ def load_rows(path: Path, like: dict[str, torch.Tensor], n: int, mesh: ParallelM
 
     like: this process's state tensors (row tensors: its rows, statistics with their extra
     slot), whose shapes and dtypes the result takes; extra: keys of other tensors to read
-    whole (the ring buffer's). mesh None: one process, rows [0, n).
+    whole where present (the ring buffer's). mesh None: one process, rows [0, n).
     """
     lo, hi = (0, n) if mesh is None else mesh.latent_range(n)
     path = Path(path)
@@ -119,7 +119,7 @@ def load_rows(path: Path, like: dict[str, torch.Tensor], n: int, mesh: ParallelM
             state[key] = rows if mesh is None else _dtensor(rows, mesh, n)
         else:
             state[key] = torch.empty_like(t)
-    for key in extra:
+    for key in (key for key in extra if key in stored):  # extra tensors a checkpoint may lack
         state[key] = torch.empty(tuple(stored[key].size), dtype=stored[key].properties.dtype)
     with warnings.catch_warnings():  # one process reading on purpose
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

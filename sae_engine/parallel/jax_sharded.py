@@ -5,7 +5,9 @@ The same algorithm as ``selection`` for torch, written with ``shard_map``: each 
 split), selects its top k with ``sae_kernels.jax.topk_encode``, the (pre-activation, global
 index) candidates are gathered with ``lax.all_gather`` and sorted by (key descending, index
 ascending) in one ``lax.sort``; each device decodes its own winners and ``lax.psum`` adds the
-parts. Rows of x are split over ``data``.
+parts. Rows of x are split over ``data`` (when their count divides evenly; otherwise every data
+group computes all of them). Both are differentiable: gradients flow through the kernels' custom
+VJPs on each device, and ``shard_map``'s transposes sum them over the mesh.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ def make_mesh(data: int, latent: int, devices=None) -> Mesh:
     """A (data, latent) mesh over the first data * latent devices."""
     devices = np.asarray((devices or jax.devices())[: data * latent]).reshape(data, latent)
     return Mesh(devices, ("data", "latent"))
+
+
+def rows_spec(rows: int, mesh: Mesh) -> P:
+    """How a batch of ``rows`` rows enters shard_map: split over ``data`` where it divides."""
+    return P("data") if rows % mesh.shape["data"] == 0 else P()
 
 
 def pad_rows(a: jax.Array, parts: int, fill) -> jax.Array:
@@ -79,8 +86,9 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
         values, chosen = merge_candidates(keys, indices, k)
         return values.astype(x.dtype), chosen
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("latent"), P("latent"), P("latent")),
-                         out_specs=(P("data"), P("data")), check_vma=False)(x, W, b, mask)
+    rows = rows_spec(x.shape[0], mesh)
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, P("latent"), P("latent"), P("latent")),
+                         out_specs=(rows, rows), check_vma=False)(x, W, b, mask)
 
 
 @partial(jax.jit, static_argnames=("mesh",))
@@ -95,5 +103,6 @@ def sharded_decode(values, indices, W_dec, mesh: Mesh):
         part = kj.sparse_decode(values, jnp.where(mine, indices - lo, EMPTY), W).astype(jnp.float32)
         return lax.psum(part, "latent")
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data"), P("latent")), out_specs=P("data"),
+    rows = rows_spec(values.shape[0], mesh)
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, P("latent")), out_specs=rows,
                          check_vma=False)(values, indices, W)
