@@ -89,7 +89,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="override a config value, e.g. --set train.lr=1e-4 or --set data.esm.layer=3 (repeatable)")
     train.set_defaults(run=_train)
     bench = commands.add_parser("bench", help=COMMANDS["bench"][1])
-    bench.add_argument("suite", choices=["kernels", "train-step", "esm", "enrich", "parallel"], help="what to measure")
+    bench.add_argument("suite", choices=["kernels", "train-step", "esm", "enrich", "parallel", "parallel-jax"], help="what to measure")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (sae-engine bench SUITE --help)")
     bench.set_defaults(run=_bench)
 

@@ -121,7 +121,11 @@ def test_buffer_state_without_positions_is_a_clear_error_for_data_ranks():
         feed.load_state_dict(state)
 
 
-def _train_rank(overrides: list[str]) -> tuple[str, int, int]:
+def _train_rank(overrides: list[str], kill_at: int | None = None) -> tuple[str, int, int]:
+    """One data rank's run; with kill_at, rank 1 sends itself SIGKILL before that step."""
+    import os
+    import signal
+
     import torch.distributed as dist
 
     from sae_engine.config import load_config
@@ -130,16 +134,49 @@ def _train_rank(overrides: list[str]) -> tuple[str, int, int]:
 
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
+    if kill_at is not None and os.environ["RANK"] == "1":
+        step = trainer.backend.train_step
+
+        def step_or_die(x, y, lr):
+            if trainer.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(x, y, lr)
+
+        trainer.backend.train_step = step_or_die
     step = trainer.run().step
     dist.destroy_process_group()
     return type(trainer.buffer).__name__, trainer.buffer.rows_read, step
 
 
-def test_data_ranks_of_a_run_read_disjoint_shares(tmp_path):
-    from sae_engine.parallel.launch import run_local
+def _overrides(out_dir, steps: int) -> list[str]:
+    return ["model.d_in=8", "model.n_latents=16", "model.k=2", "data.synthetic.tokens=1088",
+            "data.buffer_size=128", "data.eval_tokens=64", "train.batch_size=32", f"train.max_tokens={32 * steps}",
+            "train.progress=false", "train.precision='fp32'", "train.device='cpu'", "parallel.data=2",
+            "train.checkpoint_every=3", f"train.out_dir='{out_dir}'"]
 
-    overrides = ["model.d_in=8", "model.n_latents=16", "model.k=2", "data.synthetic.tokens=1088",
-                 "data.buffer_size=128", "data.eval_tokens=64", "train.batch_size=32", "train.max_tokens=256",
-                 "train.progress=false", "train.precision='fp32'", "train.device='cpu'", "parallel.data=2",
-                 f"train.out_dir='{tmp_path / 'run'}'"]
-    assert run_local(_train_rank, 2, overrides, timeout=120) == [("SharedOrderFeed", 128, 8)] * 2
+
+def test_data_ranks_read_disjoint_shares_and_resume_exactly_after_kill(tmp_path):
+    from sae_engine.checkpoint import latest_checkpoint
+    from sae_engine.config import load_config
+    from sae_engine.parallel.apply import BUFFER_KEYS
+    from sae_engine.parallel.checkpoint import load_rows
+    from sae_engine.parallel.launch import run_local
+    from sae_engine.torch_backend import TorchSAE
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert run_local(_train_rank, 2, _overrides(clean, 8), timeout=120) == [("SharedOrderFeed", 128, 8)] * 2
+    with pytest.raises(Exception, match="signal|SIGKILL|exit"):
+        run_local(_train_rank, 2, _overrides(killed, 8), 5, timeout=120)
+    assert latest_checkpoint(killed).name == "step_000000003"
+    # Resumed, each rank reads the 5 batches' shares it had not trained on: no vector twice or lost.
+    assert run_local(_train_rank, 2, _overrides(killed, 8), timeout=120) == [("SharedOrderFeed", 80, 8)] * 2
+
+    def state(run):
+        config = load_config(None, _overrides(run, 8))
+        like = TorchSAE(config, torch.device("cpu")).state_tensors()
+        return load_rows(latest_checkpoint(run), like, 16, None, BUFFER_KEYS)
+
+    got, want = state(killed), state(clean)
+    assert "buffer.unserved" not in want and "buffer.unserved_positions" in want  # positions, not vectors
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

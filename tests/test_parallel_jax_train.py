@@ -47,6 +47,23 @@ def test_jax_meshes_train_as_one_device():
     assert _run_script("backend").strip().endswith("ok")
 
 
+def test_collectives_are_read_from_hlo_with_their_groups():
+    from sae_engine.benchmarks.jax_mesh import collectives
+
+    hlo = """
+      %a = f32[256,32]{0,1} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={1}
+      %b = (f32[1024,64]{1,0}, f32[1024]{0}) all-reduce(%y, %z), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}
+      %c = f32[64,8]{0,1} reduce-scatter(%w), replica_groups=[2,2]<=[4], dimensions={1}
+      %d = f32[64,64]{1,0} all-reduce(%v), replica_groups={{0},{1},{2},{3}}
+      %e = f32[64,64]{1,0} add(%v, %v)
+    """
+    found = collectives(hlo)
+    assert [(c["kind"], c["group"], c["bytes"]) for c in found] == [
+        ("all-gather", 4, 256 * 32 * 4), ("all-reduce", 2, (1024 * 64 + 1024) * 4), ("reduce-scatter", 2, 64 * 8 * 4),
+        ("all-reduce", 1, 64 * 64 * 4)]
+    assert [c["sent"] for c in found] == [3 / 4 * 256 * 32 * 4, (1024 * 64 + 1024) * 4, 64 * 8 * 4, 0]
+
+
 def test_jax_resume_across_meshes_then_export_equals_one_device(tmp_path):
     assert _run_script("resume", str(tmp_path)).strip().endswith("ok")
 
@@ -140,6 +157,8 @@ def _assert_equal(got: dict, want: dict, exact: bool) -> None:
 def _case_backend() -> None:
     """20 steps at 1x2, 2x1, 2x2, 1x4 (TopK + Multi-TopK + AuxK, BatchTopK, a transcoder) equal
     one device on the same global batches."""
+    import torch
+
     sys.path.insert(0, str(Path(__file__).parent))
     from test_parallel_train import LR, _batches, _configs
 
@@ -167,6 +186,24 @@ def _case_backend() -> None:
             assert {s.data.shape[0] for s in shards} == {-(-config.model.n_latents // latent)}, name
             _assert_equal(got, want, exact=False)
         print(name, "equal on every mesh")
+
+    # No collective moves W: at 1x4 every one is far smaller than a device's rows of W_enc; at
+    # 2x2 the largest is the data ranks' sum of their dense gradients of those rows, nothing whole.
+    from sae_engine.benchmarks.jax_mesh import BATCH, SHAPE, step_collectives
+    from sae_engine.config import RunConfig
+
+    config = RunConfig.from_dict({"model": SHAPE, "train": {"batch_size": BATCH, "precision": "fp32", "device": "cpu"}})
+    n, d = SHAPE["n_latents"], SHAPE["d_in"]
+    for data, latent in ((1, 4), (2, 2)):
+        sae = sharded_jax_backend(config, build_jax_mesh(data, latent), "fp32")
+        found = [c for c in step_collectives(sae, sae._in(torch.randn(BATCH, d))) if c["group"] > 1]
+        shard = n // latent * d * 4
+        if data == 1:
+            assert max(c["bytes"] for c in found) < shard / 4, found
+        else:
+            largest = max(found, key=lambda c: c["bytes"])
+            assert largest["kind"] == "all-reduce" and largest["group"] == data, largest
+            assert shard < largest["bytes"] < 2.2 * shard, (largest, shard)
 
 
 def _case_resume(tmp: Path) -> None:

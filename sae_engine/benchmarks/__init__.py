@@ -10,7 +10,9 @@ the machine's description, JSON output):
 - ``esm``: ESM2 extraction against fair-esm's own loop (:mod:`.extraction`);
 - ``enrich``: GO enrichment of every feature against goatools (:mod:`.enrichment`);
 - ``parallel``: scale-out on gloo, bytes per step and per-rank memory, latent sharding against
-  data parallel (:mod:`.parallel`).
+  data parallel (:mod:`.parallel`);
+- ``parallel-jax``: the JAX mesh, bytes per step read from the compiled step's collectives,
+  per-device memory (:mod:`.jax_mesh`).
 
 Every output names the CPU with its vector/matrix features (and the GPU), because the same code
 runs 2-9x apart on CPUs with and without bf16 units.
@@ -26,6 +28,7 @@ SUITES = {
     "esm": ("extraction", "esm"),
     "enrich": ("enrichment", "analysis"),
     "parallel": ("parallel", None),
+    "parallel-jax": ("jax_mesh", "jax"),
 }  # name -> (module, the extra it needs beyond the core install)
 
 
