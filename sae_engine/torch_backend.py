@@ -13,8 +13,18 @@ BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row'
 
 The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
 out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
+
+Everything in a step that would cross processes when the batch or the latents are split over
+several (selection over all latents, decoding, sums over the batch) goes through a
+``StepSplit``; the default, ``OneProcess``, is the plain computation. The other parts of a step
+(normalisation, BatchTopK, the backward, clipping, the optimizer step, firing statistics) are
+public methods, so a wrapper that splits the model (``sae_engine.parallel.torch_sharded``)
+passes its own ``StepSplit`` and adds what else it needs (the gradient sum over data ranks).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
 
 import torch
 
@@ -45,16 +55,92 @@ def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return values, indices
 
 
+class StepSplit(Protocol):
+    """What crosses processes in a step when the batch (rows) or the latents are split.
+
+    A process holds B rows of a batch of N and the latent rows of its own model (the ``n`` of
+    its config) of ``n_latents`` in all; a code's indices are global latent ids.
+    """
+
+    n_latents: int
+
+    def select(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+               row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``topk_encode`` over the latents of every process. x: [B, d]; W_enc [m, d], b_enc [m]:
+        the rows row_ids [m] (ascending) of this process's model (None: all of them).
+        -> values [B, k] in x's dtype, global indices [B, k]."""
+
+    def decode_sum(self, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        """``sparse_decode`` of a code [B, k] with global indices over every process's decoder
+        rows (W_dec: this process's). -> [B, d] fp32."""
+
+    def owned(self, indices: torch.Tensor) -> torch.Tensor:
+        """Global indices [B, k] as rows of this process's model; EMPTY where another owns them."""
+
+    def latent_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes holding the other latents of the same rows."""
+
+    def batch_candidates(self, values: torch.Tensor) -> torch.Tensor | None:
+        """BatchTopK's candidates of the whole batch, [N * w] fp32 (None: ``values`` [B, w] are all)."""
+
+    def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of t [B, ...] over the whole batch. -> 0-d."""
+
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of t [B] over the whole batch. -> 0-d."""
+
+    def total_variance(self, y: torch.Tensor) -> torch.Tensor:
+        """Squared deviation of y [B, d] from the batch mean, summed over the whole batch. -> 0-d."""
+
+
+class OneProcess:
+    """The ``StepSplit`` of a model and batch held whole by one process."""
+
+    def __init__(self, n_latents: int) -> None:
+        self.n_latents = n_latents
+
+    def select(self, x, W_enc, b_enc, k, row_ids=None):
+        values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k)
+        if row_ids is not None:
+            indices = torch.where(indices >= 0, row_ids[indices.clamp_min(0)], EMPTY)
+        return values, indices
+
+    def decode_sum(self, values, indices, W_dec):
+        return sae_kernels.sparse_decode(values, indices, W_dec).float()
+
+    def owned(self, indices):
+        return indices
+
+    def latent_sum(self, t):
+        return t
+
+    def batch_candidates(self, values):
+        return None
+
+    def batch_sum(self, t):
+        return t.sum()
+
+    def batch_mean(self, t):
+        return t.mean()
+
+    def total_variance(self, y):
+        return (y - y.mean(dim=0)).pow(2).sum()
+
+
 class TorchSAE:
     """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device
     (``sae_engine.backend.SAEBackend``)."""
 
     def __init__(self, config: RunConfig, device: torch.device, precision: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, split: StepSplit | None = None) -> None:
         """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
-        decided for ``device`` (``sae_engine.precision``)."""
+        decided for ``device`` (``sae_engine.precision``). ``split``: how the step's batch and
+        latents are spread over processes (None: ``OneProcess``)."""
         self.config = config
         self.device = device
+        self.split: StepSplit = split or OneProcess(config.model.n_latents)
+        # Code widths and AuxK's k follow the latents of every process, not this one's part.
+        self.whole_model = dataclasses.replace(config.model, n_latents=self.split.n_latents)
         m = config.model
         self.precision = precision or resolve_precision(config.train.precision, device.type).dtype
         self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -102,61 +188,79 @@ class TorchSAE:
         if m.normalize == "dataset":
             self.buffers["in_scale"].fill_(mean_squared_norm_scale(x))
             self.buffers["out_scale"].fill_(mean_squared_norm_scale(y) if m.is_transcoder else self.buffers["in_scale"].item())
-        target = self._norm_out(y.to(self.device))
+        target = self.normalize_target(y.to(self.device))
         if m.b_dec_init == "geometric_median":
             self.params["b_dec"].copy_(geometric_median(target))
         elif m.b_dec_init == "mean":
             self.params["b_dec"].copy_(target.mean(dim=0))
 
-    def _norm_in(self, x: torch.Tensor) -> torch.Tensor:
+    # -- step parts: the pieces of a training step -------------------------------------------
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs x [B, d_in] in the model's normalised space. -> xn [B, d_in] fp32."""
         if self.config.model.normalize == "layernorm":
             return layer_normalize(x)
         return x.float() * self.buffers["in_scale"]
 
-    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """Raw targets y [B, d_out] in the model's normalised space. -> yn [B, d_out] fp32."""
         if self.config.model.normalize == "layernorm":
             return layer_normalize(y)
         return y.float() * self.buffers["out_scale"]
 
-    # -- forward pieces ------------------------------------------------------------------------
-
-    def _encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
+    def encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: xn [B, d_in] less b_dec for an SAE, xn for a transcoder. -> x_c [B, d_in]."""
         return xn if self.config.model.is_transcoder else xn - self.params["b_dec"]
 
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder weight, encoder bias and decoder weight in the compute dtype."""
+    def compute_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_enc [n, d_in], b_enc [n] and W_dec [n, d_out] in the compute dtype."""
         cd = self.compute_dtype
         return self.params["W_enc"].to(cd), self.params["b_enc"].to(cd), self.params["W_dec"].to(cd)
+
+    def batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool,
+                   batch_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK on per-row candidates values, indices [B, w]: in training keep the N*k largest
+        values of the batch of N rows (and move the inference threshold towards the smallest kept
+        positive value), at inference those at or above the threshold. Dropped slots become 0 / EMPTY.
+
+        batch_values: [N * w] fp32, the candidates of every row of the batch when this process
+        holds only B of its N rows; None: the batch is these B rows.
+        """
+        threshold = self.buffers["batchtopk_threshold"]
+        if training:
+            every = values.flatten().float() if batch_values is None else batch_values
+            budget = min(every.numel() // values.shape[1] * self.config.model.k, every.numel())
+            cutoff = every.topk(budget, sorted=False).values.min()
+            # The inference threshold: running mean of the smallest kept positive value.
+            smallest = torch.where((every >= cutoff) & (every > 0), every, torch.inf).min()
+            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
+            keep = values.float() >= cutoff
+        else:
+            keep = values.float() >= threshold
+        return values * keep, indices.masked_fill(~keep, EMPTY)
+
+    def dead_latents(self) -> torch.Tensor:
+        """Latents that have not fired for more than ``model.dead_tokens`` tokens. -> [m] int64, ascending."""
+        n = self.config.model.n_latents
+        return torch.nonzero(self.buffers["since_fired"][:n] > self.config.model.dead_tokens).squeeze(1)
+
+    # -- forward pieces ------------------------------------------------------------------------
 
     def _encode(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, training: bool):
         """Sparse code of the encoder input, in the compute dtype. -> values, indices [B, w]:
         w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
         code), ``code_width`` at inference."""
-        m = self.config.model
+        m = self.whole_model
         width = selection_width(m) if training else code_width(m)
-        values, indices = sae_kernels.topk_encode(x_c.to(self.compute_dtype), W_enc, b_enc, width)
+        values, indices = self.split.select(x_c.to(self.compute_dtype), W_enc, b_enc, width)
         if m.kind == "batchtopk":
-            values, indices = self._batch_topk(values, indices, training)
+            every = self.split.batch_candidates(values) if training else None
+            values, indices = self.batch_topk(values, indices, training, every)
         return values, indices
-
-    def _batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool):
-        """Keep the B*k largest values of the batch (training) or those above the learned threshold."""
-        B = values.shape[0]
-        if training:
-            budget = min(B * self.config.model.k, values.numel())
-            cutoff = values.flatten().float().topk(budget, sorted=False).values.min()
-            keep = values.float() >= cutoff
-            # The inference threshold: running mean of the smallest kept positive value.
-            smallest = torch.where(keep & (values > 0), values.float(), torch.inf).min()
-            threshold = self.buffers["batchtopk_threshold"]
-            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
-        else:
-            keep = values.float() >= self.buffers["batchtopk_threshold"]
-        return values * keep, indices.masked_fill(~keep, EMPTY)
 
     def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
         """Prediction in the normalised target space. -> [B, d_out] fp32."""
-        out = sae_kernels.sparse_decode(values.to(W_dec.dtype), indices, W_dec).float() + self.params["b_dec"]
+        out = self.split.decode_sum(values.to(W_dec.dtype), indices, W_dec) + self.params["b_dec"]
         if "W_skip" in self.params:
             out = out + xn @ self.params["W_skip"].T
         return out
@@ -164,9 +268,9 @@ class TorchSAE:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64."""
-        xn = self._norm_in(x.to(self.device))
-        W_enc, b_enc, _ = self._weights()
-        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+        xn = self.normalize_input(x.to(self.device))
+        W_enc, b_enc, _ = self.compute_weights()
+        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
         return values.float(), indices
 
     @torch.no_grad()
@@ -177,8 +281,8 @@ class TorchSAE:
             raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
                              "their raw scale is unknown")
         x = x.to(self.device).float()
-        _, _, W_dec = self._weights()
-        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self._norm_in(x))
+        _, _, W_dec = self.compute_weights()
+        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self.normalize_input(x))
         if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
             return out * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
         return out / self.buffers["out_scale"]
@@ -192,9 +296,9 @@ class TorchSAE:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data (no training-time BatchTopK statistics)."""
-        xn, yn = self._norm_in(x.to(self.device)), self._norm_out(y.to(self.device))
-        W_enc, b_enc, W_dec = self._weights()
-        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
+        xn, yn = self.normalize_input(x.to(self.device)), self.normalize_target(y.to(self.device))
+        W_enc, b_enc, W_dec = self.compute_weights()
+        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
         recon = self._decode(values, indices, W_dec, xn)
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {
@@ -210,28 +314,31 @@ class TorchSAE:
         Returns metrics as 0-d tensors so the caller decides when to synchronise.
         """
         metrics, grads, (values, indices) = self.loss_and_grads(x, y)
-        self._apply(grads, lr)
-        self._track_firing(values, indices, x.shape[0])
+        factor = None
+        if self.config.train.grad_clip is not None:
+            factor = self.clip_factor(torch.cat(self.gradient_squares(grads)).sum().sqrt())
+        self.apply_gradients(grads, lr, factor)
+        self.track_firing(torch.where(values > 0, indices, EMPTY), x.shape[0])
         return metrics
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
-        """Forward and sparse backward without touching the parameters.
+        """Forward and sparse backward without touching the parameters. x: [B, d_in], y: [B, d_out].
 
-        Returns (metrics, grads by parameter name (W_enc and W_dec row-sparse, W_enc's carrying
-        b_enc's), the main code (values, indices) [B, k]).
+        Returns (metrics over the whole batch, grads by parameter name (``backward``'s; the
+        batch's sums over this process's rows), the main code (values, global indices) [B, k]).
         """
         m = self.config.model
-        n, k = m.n_latents, m.k
-        xn, yn = self._norm_in(x), self._norm_out(y)
-        x_c = self._encoder_input(xn)
-        W_enc, b_enc, W_dec = self._weights()
+        k = m.k
+        xn, yn = self.normalize_input(x), self.normalize_target(y)
+        x_c = self.encoder_input(xn)
+        W_enc, b_enc, W_dec = self.compute_weights()
 
         values, indices = self._encode(x_c, W_enc, b_enc, training=True)
         main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
         recon = self._decode(main_values, main_indices, W_dec, xn)
         error = recon - yn
-        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
-        fvu = error.pow(2).sum() / total_variance
+        total_variance = self.split.total_variance(yn)
+        fvu = self.split.batch_sum(error.pow(2)) / total_variance
         loss = fvu
 
         # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code).
@@ -239,39 +346,45 @@ class TorchSAE:
         dec_terms = [(g_recon, main_values, main_indices, True)]
         if m.multi_topk:
             error_multi = self._decode(values, indices, W_dec, xn) - yn
-            loss = loss + error_multi.pow(2).sum() / total_variance / 8
+            loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance / 8
             dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
         aux_loss = torch.zeros((), device=self.device)
-        dead = torch.nonzero(self.buffers["since_fired"][:n] > m.dead_tokens).squeeze(1) if self.aux_active else None
-        if dead is not None and len(dead) and m.aux_coef > 0:
+        dead = self.dead_latents() if self.aux_active and m.aux_coef > 0 else None
+        total_dead = 0 if dead is None else int(self.split.latent_sum(torch.tensor([len(dead)], device=self.device)).item())
+        if total_dead:
             # The AuxK GEMM runs over the dead rows only: its cost scales with how many are dead.
-            aux_values, aux_local = sae_kernels.topk_encode(
-                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(m.aux_k, len(dead))
+            aux_values, aux_indices = self.split.select(
+                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(self.whole_model.aux_k, total_dead), dead
             )
-            aux_indices = torch.where(aux_local >= 0, dead[aux_local.clamp_min(0)], EMPTY)
-            aux_recon = sae_kernels.sparse_decode(aux_values, aux_indices, W_dec).float()
+            aux_recon = self.split.decode_sum(aux_values, aux_indices, W_dec)
             residual = error.detach()
-            residual_variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            residual_variance = self.split.total_variance(residual).clamp_min(1e-12)
             aux_error = aux_recon - residual
-            aux_loss = aux_error.pow(2).sum() / residual_variance
+            aux_loss = self.split.batch_sum(aux_error.pow(2)) / residual_variance
             loss = loss + m.aux_coef * aux_loss
             dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
 
-        grads = self._backward(xn, x_c, values, indices, dec_terms)
+        own = self.split.owned
+        grads = self.backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
         metrics = {
             "loss": loss,
             "fvu": fvu,
             "aux_loss": aux_loss,
-            "l0": (main_values > 0).sum(dim=1).float().mean(),
+            "l0": self.split.batch_mean((main_values > 0).sum(dim=1).float()),
         }
         return metrics, grads, (main_values, main_indices)
 
-    def _backward(self, xn, x_c, values, indices, dec_terms):
-        """Sparse backward through every reconstruction term, then the encoder. -> grads by name.
+    def backward(self, xn: torch.Tensor, x_c: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                 dec_terms: list) -> dict[str, torch.Tensor | RowSparseGrad]:
+        """Sparse backward through every reconstruction term, then the encoder. -> grads by name:
+        W_enc (RowSparseGrad [U, d_in] with b_enc's), W_dec (RowSparseGrad [U', d_out], its
+        component along each row removed), b_dec [d_out], W_skip [d_out, d_in] when there is one.
 
-        dec_terms: (gradient w.r.t. the term's output [B, d_out], its values, its indices, whether
-        it reads the shared code). The main and Multi-TopK terms read the shared code (`values`,
-        `indices`; main uses its first k slots), the AuxK term its own.
+        xn, x_c: [B, d_in] the normalised and the encoder input; values, indices: [B, w] the
+        shared code (indices of this model's rows; EMPTY slots are skipped). dec_terms: (gradient
+        w.r.t. the term's output [B, d_out], its values, its indices, whether it reads the shared
+        code). The main and Multi-TopK terms read the shared code (main its first k slots), the
+        AuxK term its own. b_dec's gradient includes the encoder's ``-sum(dx)`` for an SAE.
         """
         B = xn.shape[0]
         grads: dict[str, torch.Tensor | RowSparseGrad] = {}
@@ -304,7 +417,7 @@ class TorchSAE:
         )
         grads["W_enc"] = enc.W_enc
         if not self.config.model.is_transcoder:
-            grads["b_dec"] = grads["b_dec"] - enc.dx.sum(dim=0)  # x_c = x - b_dec
+            grads["b_dec"] = grads["b_dec"] - self.split.latent_sum(enc.dx.sum(dim=0))  # x_c = x - b_dec
         return grads
 
     def _remove_parallel(self, grad: RowSparseGrad) -> RowSparseGrad:
@@ -313,18 +426,26 @@ class TorchSAE:
         along = torch.einsum("ud,ud->u", grad.grad, rows)  # row-wise dots without a [U, d] temporary
         return RowSparseGrad(grad.rows, grad.grad.addcmul_(along.unsqueeze(1), rows, value=-1.0))
 
-    def _apply(self, grads, lr: float) -> None:
+    def gradient_squares(self, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared norms of ``backward``'s gradients: ([3] W_enc, b_enc, W_dec, the parameters with
+        a row per latent; [1 or 2] b_dec, W_skip)."""
+        rows = torch.stack([grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
+                            grads["W_dec"].grad.pow(2).sum()])
+        dense = torch.stack([grads[name].pow(2).sum() for name in ("b_dec", "W_skip") if name in grads])
+        return rows, dense
+
+    def clip_factor(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """optax.clip_by_global_norm's scale for a gradient of global norm ``norm`` (0-d): bound /
+        norm when the norm exceeds ``train.grad_clip``, else 1; None without clipping."""
+        bound = self.config.train.grad_clip
+        if bound is None:
+            return None
+        return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
+
+    def apply_gradients(self, grads: dict, lr: float, factor: torch.Tensor | None = None) -> None:
+        """One optimizer step on ``backward``'s gradients scaled by ``factor`` (0-d, from
+        ``clip_factor``; None: unscaled), then the decoder rows back to unit norm."""
         t = self.config.train
-        if t.grad_clip is not None:
-            squares = [grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
-                       grads["W_dec"].grad.pow(2).sum(), grads["b_dec"].pow(2).sum()]
-            if "W_skip" in grads:
-                squares.append(grads["W_skip"].pow(2).sum())
-            norm = torch.stack(squares).sum().sqrt()
-            # optax.clip_by_global_norm: scale by bound / norm only when the norm exceeds it.
-            factor = torch.where(norm > t.grad_clip, t.grad_clip / norm, torch.ones_like(norm))
-        else:
-            factor = None
         opt = self.optimizer
         opt.begin_step()
         enc, dec = grads["W_enc"], grads["W_dec"]
@@ -350,9 +471,11 @@ class TorchSAE:
         else:
             W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
 
-    def _track_firing(self, values: torch.Tensor, indices: torch.Tensor, batch: int) -> None:
+    def track_firing(self, fired: torch.Tensor, batch: int) -> None:
+        """Firing statistics after a step of ``batch`` tokens. fired: [B', w] the latents that
+        fired (their code value > 0), EMPTY in every other slot."""
         n = self.config.model.n_latents
-        fired = torch.where((values > 0) & (indices >= 0), indices, n).flatten()
+        fired = torch.where(fired >= 0, fired, n).flatten()
         self.buffers["since_fired"].add_(batch).index_fill_(0, fired, 0)
         self.buffers["fire_count"].index_add_(0, fired, torch.ones_like(fired))
 

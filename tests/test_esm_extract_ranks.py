@@ -89,66 +89,110 @@ def test_two_ranks_write_one_store_equal_to_one_process(tmp_path: Path, model_di
     _assert_same_content(tmp_path / "two", tmp_path / "one")
 
 
-def _launch(command: list[str], rank: int, port: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+def _launch(command: list[str], rank: int, world: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_rank_resumes_its_share(tmp_path: Path, model_dir: Path) -> None:
-    fasta = _fasta(tmp_path, 400, seed=2)
-    store = tmp_path / "store"
-    command = [sys.executable, "-m", "sae_engine", "extract", "--fasta", str(fasta), "--model", str(model_dir),
-               "--layers", "1,2", "--out", str(store), "--shard-rows", "400", "--max-tokens", "512",
-               "--precision", "fp32", "--quiet"]
+def _extract_command(fasta: Path, model_dir: Path, store: Path) -> list[str]:
+    return [sys.executable, "-m", "sae_engine", "extract", "--fasta", str(fasta), "--model", str(model_dir),
+            "--layers", "1,2", "--out", str(store), "--shard-rows", "400", "--max-tokens", "512",
+            "--precision", "fp32", "--quiet"]
+
+
+def _run_ranks(command: list[str], world: int) -> list[tuple[str, str]]:
+    """The extraction under ``world`` torchrun-style ranks to the end; their (stdout, stderr)."""
     port = free_port()
-    ranks = [_launch(command, rank, port) for rank in range(2)]
+    ranks = [_launch(command, rank, world, port) for rank in range(world)]
+    outputs = [process.communicate(timeout=60) for process in ranks]
+    assert [p.returncode for p in ranks] == [0] * world, [err[-2000:] for _, err in outputs]
+    return outputs
+
+
+def _kill_mid_run(command: list[str], store: Path, world: int) -> list[dict]:
+    """Start ``world`` ranks, SIGKILL them all once the last rank has committed two shards (as
+    torchrun stops the group when one rank dies); -> that rank's committed shards at the kill."""
+    last = store / f"manifest.rank{world - 1}.json"
+    port = free_port()
+    ranks = [_launch(command, rank, world, port) for rank in range(world)]
     deadline, committed = time.monotonic() + 30, []
-    while time.monotonic() < deadline and ranks[1].poll() is None:
+    while time.monotonic() < deadline and ranks[-1].poll() is None:
         try:
-            committed = json.loads((store / "manifest.rank1.json").read_text())["shards"]
+            committed = json.loads(last.read_text())["shards"]
         except (FileNotFoundError, json.JSONDecodeError):
             committed = []
         if len(committed) >= 2:
             break
         time.sleep(0.005)
-    for process in ranks:  # rank 1 dies; torchrun then stops the group, as here
+    for process in ranks:
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
-    assert len(committed) >= 2 and ranks[1].returncode == -signal.SIGKILL
+    assert len(committed) >= 2 and ranks[-1].returncode == -signal.SIGKILL
     assert not (store / "manifest.json").exists()
-    killed = json.loads((store / "manifest.rank1.json").read_text())
-    committed = killed["shards"]  # as it was at the kill: mid-run
-    assert not killed["complete"]
+    killed = json.loads(last.read_text())
+    assert not killed["complete"]  # mid-run
+    return killed["shards"]
+
+
+def _one_process_store(fasta: Path, model_dir: Path, out: Path) -> Path:
+    threads = torch.get_num_threads()
+    try:
+        _extract(str(fasta), str(model_dir), str(out), 400)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _assert_whole_store(store: Path, kept: list[dict]) -> None:
+    """Complete, the shards committed before the kill kept, every shard once, no stray file."""
+    resumed = ActivationStore(store)
+    names = [s["name"] for s in resumed.manifest["shards"]]
+    assert resumed.complete and {s["name"] for s in kept} <= set(names) and len(names) == len(set(names))
+    assert {p.name.split(".")[0] for p in (store / "shards").iterdir()} == set(names)
+    assert not list(store.glob("manifest.rank*.json"))
+
+
+def test_killed_rank_resumes_its_share(tmp_path: Path, model_dir: Path) -> None:
+    fasta = _fasta(tmp_path, 400, seed=2)
+    store = tmp_path / "store"
+    command = _extract_command(fasta, model_dir, store)
+    committed = _kill_mid_run(command, store, 2)
     with pytest.raises(StoreError, match=r"manifest.rank[01].json is missing or incomplete: rank [01] of 2 did not finish"):
         merge_rank_manifests(store, 2)
     assert not (store / "manifest.json").exists()
     shutil.copytree(store, tmp_path / "taken_over")
 
-    port = free_port()
-    ranks = [_launch(command, rank, port) for rank in range(2)]
-    outputs = [process.communicate(timeout=60) for process in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    outputs = _run_ranks(command, 2)
     skipped = int(outputs[1][0].split("(")[1].split()[0].replace(",", ""))
     assert skipped == sum(s["windows"] for s in committed) > 0  # rank 1 kept what it had committed
-    resumed = ActivationStore(store)
-    names = [s["name"] for s in resumed.manifest["shards"]]
-    assert resumed.complete and {s["name"] for s in committed} <= set(names) and len(names) == len(set(names))
-    assert {p.name.split(".")[0] for p in (store / "shards").iterdir()} == set(names)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _extract(str(fasta), str(model_dir), str(tmp_path / "one"), 400)
-    finally:
-        torch.set_num_threads(threads)
-    _assert_same_content(store, tmp_path / "one")
+    _assert_whole_store(store, committed)
+    one = _one_process_store(fasta, model_dir, tmp_path / "one")
+    _assert_same_content(store, one)
 
     # without torchrun, one process takes over the killed ranks' shards and finishes the rest
-    torch.set_num_threads(1)
-    try:
-        _extract(str(fasta), str(model_dir), str(tmp_path / "taken_over"), 400)
-    finally:
-        torch.set_num_threads(threads)
-    assert not list((tmp_path / "taken_over").glob("manifest.rank*.json"))
-    _assert_same_content(tmp_path / "taken_over", tmp_path / "one")
+    _one_process_store(fasta, model_dir, tmp_path / "taken_over")
+    _assert_whole_store(tmp_path / "taken_over", committed)
+    _assert_same_content(tmp_path / "taken_over", one)
+
+
+@pytest.mark.parametrize("killed,resumed", [(2, 3), (2, 1), (3, 2)], ids=["2to3", "2to1", "3to2"])
+def test_killed_store_resumed_by_another_number_of_ranks(tmp_path: Path, model_dir: Path, killed: int, resumed: int) -> None:
+    """Batches are dealt anew over the new ranks; every window committed before the kill is kept
+    and none is computed twice, so the store equals one process's."""
+    fasta = _fasta(tmp_path, 400, seed=2)
+    store = tmp_path / "store"
+    command = _extract_command(fasta, model_dir, store)
+    committed = _kill_mid_run(command, store, killed)
+    # what a kill between a shard's files and its manifest entry leaves: files of no committed shard
+    leftover = store / "shards" / f"r{killed - 1}-{len(committed):06d}"
+    np.save(leftover.with_suffix(".L1.npy"), np.zeros((3, 4), np.float32))
+    leftover.with_suffix(".index.json").write_text("{}")
+    before = {p.name: json.loads(p.read_text())["shards"] for p in store.glob("manifest.rank*.json")}
+    kept = [shard for shards in before.values() for shard in shards]
+    outputs = _run_ranks(command, resumed)
+    if resumed > 1:  # each rank reports how many of its windows were already there
+        skipped = sum(int(out.split("(")[1].split()[0].replace(",", "")) for out, _ in outputs)
+        assert skipped == sum(s["windows"] for s in kept) >= sum(s["windows"] for s in committed) > 0
+    _assert_whole_store(store, kept)
+    _assert_same_content(store, _one_process_store(fasta, model_dir, tmp_path / "one"))

@@ -62,7 +62,7 @@ def _ours(run: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = sae.encode(x)
     if not m.is_transcoder:
         return _dense(values, indices, m.n_latents), sae.reconstruct(x)
-    xn = sae._norm_in(x)
+    xn = sae.normalize_input(x)
     out = sae._decode(values, indices, sae.params["W_dec"], xn) / sae.buffers["out_scale"]
     return _dense(values, indices, m.n_latents), out
 

@@ -13,8 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from sae_kernels import RowSparseGrad
+
 from sae_engine.config import RunConfig
 from sae_engine.parallel_config import ParallelConfig, latent_ranges
+from sae_engine.parallel.grad_sum import sum_over_data
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.torch_sharded import ShardedTorchSAE
@@ -111,3 +114,43 @@ def test_sharded_training_equals_one_process(meshes):
                 first = by_latent.setdefault(latent_rank, state)
                 for key in state:
                     assert torch.equal(state[key], first[key]), f"{where}: {key} differs across data ranks"
+
+
+def _rank_grads(rank: int, n: int, d_in: int, d_out: int, shared: bool) -> dict:
+    """A data rank's gradients: touched rows drawn per rank, W_dec's the same as W_enc's when shared."""
+    g = torch.Generator().manual_seed(rank)
+    enc_rows = torch.randperm(n, generator=g)[: 3 + 2 * rank].sort().values
+    dec_rows = enc_rows if shared else torch.randperm(n, generator=g)[: 4 + rank].sort().values
+    return {"W_enc": RowSparseGrad(enc_rows, torch.randn(len(enc_rows), d_in, generator=g),
+                                   torch.randn(len(enc_rows), generator=g)),
+            "W_dec": RowSparseGrad(dec_rows, torch.randn(len(dec_rows), d_out, generator=g)),
+            "b_dec": torch.randn(d_out, generator=g), "W_skip": torch.randn(d_out, d_in, generator=g)}
+
+
+def _sum_on_ranks(n: int, shared_on: list[bool], allow_dense: bool):
+    mesh = build_mesh(ParallelConfig(len(shared_on), 1), n, "cpu", timeout_s=60)
+    rank = mesh.data_rank
+    summed = sum_over_data(_rank_grads(rank, n, 5, 3, shared_on[rank]), mesh.data_comm, n, allow_dense)
+    dist.destroy_process_group()
+    dense = {name: (g.rows, g.to_dense(n), g.bias_to_dense(n) if g.bias_grad is not None else None)
+             if isinstance(g, RowSparseGrad) else g for name, g in summed.items()}
+    return dense, mesh.data_comm.collectives
+
+
+@pytest.mark.parametrize("shared_on,allow_dense,n", [([True, False, True], False, 40), ([True, True], True, 40),
+                                                      ([True, True], True, 6)],
+                         ids=["rows-mixed", "rows-shared", "dense"])
+def test_gradients_summed_over_data_in_three_collectives(shared_on, allow_dense, n):
+    results = run_local(_sum_on_ranks, len(shared_on), n, shared_on, allow_dense, timeout=60)
+    every = [_rank_grads(rank, n, 5, 3, shared) for rank, shared in enumerate(shared_on)]
+    want_rows = {name: torch.unique(torch.cat([g[name].rows for g in every])) for name in ("W_enc", "W_dec")}
+    for summed, collectives in results:
+        assert collectives == 3  # the dense bucket, the row counts, the rows (or their dense sum)
+        for name in ("b_dec", "W_skip"):
+            torch.testing.assert_close(summed[name], sum(g[name] for g in every))
+        for name in ("W_enc", "W_dec"):
+            rows, grad, bias = summed[name]
+            # n = 6: every row sent densely is fewer bytes than the touched rows with their ids
+            assert torch.equal(rows, torch.arange(n) if n == 6 else want_rows[name]), name
+            torch.testing.assert_close(grad, sum(g[name].to_dense(n) for g in every))
+        torch.testing.assert_close(summed["W_enc"][2], sum(g["W_enc"].bias_to_dense(n) for g in every))

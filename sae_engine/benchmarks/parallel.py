@@ -1,7 +1,8 @@
-"""Scale-out on gloo: bytes sent per step (counted from the collectives issued), per-rank state
-memory and peak RSS, and step time, for latent sharding against data parallel at one shape.
+"""Scale-out on gloo: collectives issued and bytes sent per step (counted from the collectives
+issued), per-rank state memory and peak RSS, and step time, for latent sharding against data
+parallel at one shape.
 
-    sae-engine bench parallel [--steps 5]
+    sae-engine bench parallel [--steps 5] [--meshes 2x1,2x2]
 
 On a CPU these numbers check the logic (bytes, memory), not speed. ``estimate`` turns the
 per-step byte formulas, checked here against the counted bytes, into the on-paper numbers for
@@ -44,17 +45,25 @@ def _measure(data: int, latent: int, steps: int) -> dict:
     sae.initialize(batch, batch)
     for _ in range(2):
         sae.train_step(rows, rows, 1e-4)
-    sent = {"data": 0, "latent": 0} if mesh is None else {"data": mesh.data_comm.bytes_sent, "latent": mesh.latent_comm.bytes_sent}
+    before = _comm_counts(mesh)
     start = time.perf_counter()
     for _ in range(steps):
         sae.train_step(rows, rows, 1e-4)
     elapsed = (time.perf_counter() - start) / steps
+    per_step = {key: (value - before[key]) / steps for key, value in _comm_counts(mesh).items()}
     if mesh is not None:
-        sent = {"data": mesh.data_comm.bytes_sent - sent["data"], "latent": mesh.latent_comm.bytes_sent - sent["latent"]}
         dist.destroy_process_group()
     state = sum(t.numel() * t.element_size() for t in sae.state_tensors().values())
-    return {"step_s": elapsed, "data_bytes": sent["data"] / steps, "latent_bytes": sent["latent"] / steps,
-            "state_bytes": state, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"step_s": elapsed, **per_step, "state_bytes": state,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _comm_counts(mesh) -> dict[str, int]:
+    """Bytes sent and collectives issued so far over each mesh dimension (zeros for one process)."""
+    if mesh is None:
+        return {"data_bytes": 0, "latent_bytes": 0, "data_calls": 0, "latent_calls": 0}
+    return {"data_bytes": mesh.data_comm.bytes_sent, "latent_bytes": mesh.latent_comm.bytes_sent,
+            "data_calls": mesh.data_comm.collectives, "latent_calls": mesh.latent_comm.collectives}
 
 
 def latent_bytes_per_step(batch: int, d: int, k: int, latent: int) -> float:
@@ -87,20 +96,35 @@ def estimate(d: int = 5120, n: int = 2**24, k: int = 64, batch: int = 8192, rank
     }
 
 
+def _meshes(text: str) -> list[tuple[int, int]]:
+    """"2x1,2x2" -> [(2, 1), (2, 2)]."""
+    meshes = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"--meshes {text!r}: {item!r} is not DxL (e.g. 2x1,2x2)")
+        meshes.append((int(parts[0]), int(parts[1])))
+    return meshes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--meshes", type=_meshes, default=MESHES,
+                        help="DxL meshes, comma-separated (default: " + ",".join(f"{d}x{l}" for d, l in MESHES) + ")")
     args = parser.parse_args(argv)
     print(machine_line(machine_info("cpu")))
     print(f"d={SHAPE['d_in']}, n={SHAPE['n_latents']}, k={SHAPE['k']}, B={BATCH} (global), fp32, gloo on CPU")
-    print("| mesh DxL | data bytes/step/rank | latent bytes/step/rank | formula (latent) | state/rank MiB | peak RSS MiB | step ms |")
-    print("|---|---|---|---|---|---|---|")
-    for data, latent in MESHES:
+    print("| mesh DxL | data collectives/step | data bytes/step/rank | latent collectives/step | latent bytes/step/rank "
+          "| formula (latent) | state/rank MiB | peak RSS MiB | step ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for data, latent in args.meshes:
         world = data * latent
         results = [_measure(data, latent, args.steps)] if world == 1 else run_local(_measure, world, data, latent, args.steps, timeout=600)
         worst = {key: max(r[key] for r in results) for key in results[0]}
         formula = latent_bytes_per_step(BATCH // data, SHAPE["d_in"], SHAPE["k"], latent)
-        print(f"| {data}x{latent} | {worst['data_bytes']:,.0f} | {worst['latent_bytes']:,.0f} | {formula:,.0f} | "
+        print(f"| {data}x{latent} | {worst['data_calls']:.0f} | {worst['data_bytes']:,.0f} | {worst['latent_calls']:.0f} | "
+              f"{worst['latent_bytes']:,.0f} | {formula:,.0f} | "
               f"{worst['state_bytes'] / 2**20:.1f} | {worst['peak_rss'] / 2**20:.0f} | {worst['step_s'] * 1e3:.0f} |")
     paper = estimate()
     print("\nOn paper, ESM2-15B (d=5120), n=2^24, k=64, B=8192, 32 GPUs, 50 GB/s per GPU:")

@@ -79,7 +79,17 @@ def merge_rank_manifests(root: Path, world_size: int) -> dict[str, Any]:
     write_json(main, merged)  # the commit point; rank manifests left by a crash here are merged again
     for path in _manifest_paths(root)[1:]:
         path.unlink()
+    # files a killed rank left that no rank of this run took up (its rank is beyond world_size)
+    _remove_leftovers(root, {shard["name"] for shard in merged["shards"]}, "")
     return merged
+
+
+def _remove_leftovers(root: Path, committed: set[str], prefix: str) -> None:
+    """Delete the files of shards named ``prefix...`` that no manifest lists (a killed writer's)."""
+    for path in (root / "shards").iterdir():
+        name = path.name.lstrip(".").split(".")[0]
+        if name.startswith(prefix) and name not in committed:
+            path.unlink()
 
 
 def _read_index(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,11 +177,8 @@ class StoreWriter:
         if rank is None:  # one process resuming a torchrun store: it takes over the ranks' shards
             self.manifest["shards"] = committed
         self.next_shard = sum(shard["name"].startswith(self.prefix) for shard in committed)
-        names = {shard["name"] for shard in committed}
-        for leftover in (root / "shards").iterdir():  # files of a shard this writer was killed writing
-            name = leftover.name.lstrip(".").split(".")[0]
-            if name.startswith(self.prefix) and name not in names:
-                leftover.unlink()
+        # files of a shard this writer was killed writing
+        _remove_leftovers(root, {shard["name"] for shard in committed}, self.prefix)
         self.done: set[str] = {entry["key"] for entry in _read_index(root, {"shards": committed})}
         self.dtype = np.dtype(header["settings"]["store_dtype"])
         self._reset()

@@ -1,17 +1,18 @@
 """A TorchSAE split over a data x latent mesh, applied from outside.
 
 Each rank holds a plain ``TorchSAE`` of its own latent rows ``[lo, hi)`` (parameters, Adam
-moments, firing statistics): the plain backend never sees a rank. This wrapper replaces what
-crosses ranks, and only that:
+moments, firing statistics), given a ``MeshSplit`` for what crosses ranks; the plain backend
+never sees a rank. What crosses ranks, and only that:
 
 * selection: the exact sharded top-k (``selection.sharded_topk``), so codes carry global
   indices, equal to one process's; BatchTopK's cutoff is taken over the whole global batch;
 * decoding: each rank decodes the winners it owns, partial reconstructions are summed over
   ``latent``; the error is then the same on every latent rank, and each rank forms the sparse
   gradients of its own rows;
-* batch sums (variance, losses, the b_dec gradient's encoder part) over ``data`` and ``latent``;
-* gradients: summed over ``data`` (row-sparse by gathering touched rows, or dense, whichever
-  sends fewer bytes), clipped by the global norm over all shards, then the plain backend's own
+* batch sums (variance, losses) over ``data``, the b_dec gradient's encoder part over ``latent``;
+* gradients: summed over ``data`` in three collectives (``grad_sum``: the dense ones bucketed
+  and overlapped with the row-sparse exchange, touched rows or dense, whichever sends fewer
+  bytes), clipped by the global norm over all shards, then the plain backend's own
   optimizer and decoder-norm step run on its rows;
 * AuxK: dead latents per shard, the aux top-k over them by the same exact sharded selection.
 
@@ -23,32 +24,66 @@ import dataclasses
 
 import torch
 
-from sae_kernels import RowSparseGrad
+from sae_kernels import EMPTY
 
-from ..backend import code_width, selection_width
 from ..config import RunConfig
 from ..torch_backend import TorchSAE
+from .comm import Comm
+from .grad_sum import sum_over_data
 from .init_rows import initial_rows
 from .mesh import ParallelMesh
 from .selection import owned, sharded_decode, sharded_topk
+
+
+class MeshSplit:
+    """``torch_backend.StepSplit`` over a mesh: this rank holds latents [lo, hi) and b of the
+    batch's b * D rows; see the module docstring."""
+
+    def __init__(self, data: Comm, latent: Comm, n_latents: int, lo: int, hi: int, impl: str = "auto") -> None:
+        self.data, self.latent, self.lo, self.hi, self.impl = data, latent, lo, hi, impl
+        self.n_latents = n_latents
+
+    def select(self, x, W_enc, b_enc, k, row_ids=None):
+        ids = torch.arange(self.lo, self.hi, device=x.device) if row_ids is None else row_ids + self.lo
+        return sharded_topk(x, W_enc, b_enc, k, ids, self.latent, impl=self.impl)
+
+    def decode_sum(self, values, indices, W_dec):
+        return sharded_decode(values, indices, W_dec, self.lo, self.latent)
+
+    def owned(self, indices):
+        return owned(indices, self.lo, self.hi)
+
+    def latent_sum(self, t):
+        return self.latent.all_reduce(t)
+
+    def batch_candidates(self, values):
+        return self.data.all_gather(values.float().flatten()).flatten()
+
+    def batch_sum(self, t):
+        return self.data.all_reduce(t.sum().reshape(1)).reshape(())
+
+    def batch_mean(self, t):
+        return self.batch_sum(t) / (t.shape[0] * self.data.size)
+
+    def total_variance(self, y):
+        mean = self.data.all_reduce(y.sum(dim=0)) / (y.shape[0] * self.data.size)
+        return self.batch_sum((y - mean).pow(2))
 
 
 class ShardedTorchSAE:
     """The backend protocol over a mesh; see the module docstring. x: [b, d_in] this rank's rows."""
 
     def __init__(self, config: RunConfig, mesh: ParallelMesh, impl: str = "auto") -> None:
-        self.config, self.mesh, self.impl = config, mesh, impl
+        self.config, self.mesh = config, mesh
         m = config.model
         self.lo, self.hi = mesh.latent_range(m.n_latents)
-        # The plain backend owns its rows only; clipping needs the norm over all shards, so it is done here.
-        local = dataclasses.replace(config, model=dataclasses.replace(m, n_latents=self.hi - self.lo),
-                                    train=dataclasses.replace(config.train, grad_clip=None))
-        self.plain = TorchSAE(local, mesh.device, config.train.precision_resolved)
+        self.data, self.latent = mesh.data_comm, mesh.latent_comm
+        local = dataclasses.replace(config, model=dataclasses.replace(m, n_latents=self.hi - self.lo))
+        self.plain = TorchSAE(local, mesh.device, config.train.precision_resolved,
+                              split=MeshSplit(self.data, self.latent, m.n_latents, self.lo, self.hi, impl))
         rows = initial_rows(m.n_latents, m.d_in, m.target_dim, m.is_transcoder, config.train.seed, self.lo, self.hi)
         for name, value in rows.items():
             self.plain.params[name].copy_(value)
-        self.row_ids = torch.arange(self.lo, self.hi, device=mesh.device)
-        self.data, self.latent = mesh.data_comm, mesh.latent_comm
 
     # -- the protocol's plain parts ------------------------------------------------------------
 
@@ -75,85 +110,28 @@ class ShardedTorchSAE:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
         self.plain.load_state_tensors(tensors, adam_count, aux_active)
 
-    # -- selection and decoding across ranks ---------------------------------------------------
-
-    def _select(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
-                row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return sharded_topk(x_c, W_enc, b_enc, k, row_ids, self.latent, impl=self.impl)
-
-    def _encode(self, x_c: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global code of the encoder input [b, d_in]. -> values, global indices [b, k']."""
-        m = self.config.model
-        W_enc, b_enc, _ = self.plain._weights()
-        width = selection_width(m) if training else code_width(m)
-        values, indices = self._select(x_c.to(self.plain.compute_dtype), W_enc, b_enc, width, self.row_ids)
-        if m.kind == "batchtopk":
-            values, indices = self._batch_topk(values, indices, training)
-        return values, indices
-
-    def _batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool):
-        """The B*k largest values of the global batch (every data rank's candidates), as TorchSAE."""
-        threshold = self.plain.buffers["batchtopk_threshold"]
-        if training:
-            every = self.data.all_gather(values.float().flatten()).flatten()
-            budget = min(values.shape[0] * self.data.size * self.config.model.k, every.numel())
-            cutoff = every.topk(budget, sorted=False).values.min()
-            kept = every >= cutoff
-            smallest = torch.where(kept & (every > 0), every, torch.inf).min()
-            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
-            keep = values.float() >= cutoff
-        else:
-            keep = values.float() >= threshold
-        return values * keep, indices.masked_fill(~keep, -1)
-
-    def _decode(self, values: torch.Tensor, indices: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of a global code [b, k], with b_dec and the skip connection. -> [b, d_out] fp32."""
-        _, _, W_dec = self.plain._weights()
-        out = sharded_decode(values, indices, W_dec, self.lo, self.latent) + self.plain.params["b_dec"]
-        if "W_skip" in self.plain.params:
-            out = out + xn @ self.plain.params["W_skip"].T
-        return out
-
-    def _batch_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over this rank's rows and every data rank's (0-d)."""
-        return self.data.all_reduce(t.sum().reshape(1)).reshape(())
-
-    def _total_variance(self, y: torch.Tensor) -> torch.Tensor:
-        """Squared deviation from the global batch mean, summed over the global batch. y: [b, d]."""
-        count = y.shape[0] * self.data.size
-        mean = self.data.all_reduce(y.sum(dim=0)) / count
-        return self._batch_sum((y - mean).pow(2))
-
-    # -- inference -----------------------------------------------------------------------------
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global sparse code of raw activations x [b, d_in]; the same on every latent rank."""
-        xn = self.plain._norm_in(x.to(self.mesh.device))
-        return self._encode(self.plain._encoder_input(xn), training=False)
+        return self.plain.encode(x)
 
-    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data that every rank holds whole (no data collective)."""
-        xn, yn = self.plain._norm_in(x.to(self.mesh.device)), self.plain._norm_out(y.to(self.mesh.device))
-        values, indices = self._encode(self.plain._encoder_input(xn), training=False)
-        recon = self._decode(values, indices, xn)
-        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
-        return {"eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
-                "eval_l0": (values > 0).sum(dim=1).float().mean().item()}
+        return self.plain.evaluate(x, y)
 
     # -- training ------------------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
         """One step on this data rank's rows x [b, d_in], y [b, d_out] of the global batch."""
         metrics, grads, (values, indices) = self.loss_and_grads(x, y)
-        grads = self._reduce_over_data(grads)
-        factor = self._clip_factor(grads)
-        if factor is not None:
-            grads = _scaled(grads, factor)
-        self.plain._apply(grads, lr)
-        every_values = self.data.all_gather(values).flatten(0, 1)
-        every_indices = self.data.all_gather(indices).flatten(0, 1)
-        self.plain._track_firing(every_values, owned(every_indices, self.lo, self.hi), every_values.shape[0])
+        grads = sum_over_data(grads, self.data, self.hi - self.lo, allow_dense=self.config.train.optimizer == "adam")
+        factor = None
+        if self.config.train.grad_clip is not None:  # the global norm: every shard's rows, the replicated rest once
+            rows, dense = self.plain.gradient_squares(grads)
+            sharded = self.latent.all_reduce(rows.sum().reshape(1)).reshape(())
+            factor = self.plain.clip_factor((sharded + dense.sum()).sqrt())
+        self.plain.apply_gradients(grads, lr, factor)
+        fired = self.data.all_gather(torch.where(values > 0, indices, EMPTY)).flatten(0, 1)
+        self.plain.track_firing(owned(fired, self.lo, self.hi), fired.shape[0])
         return metrics
 
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
@@ -162,100 +140,7 @@ class ShardedTorchSAE:
         Returns (metrics over the global batch, grads by name with this rank's local rows, the
         main code with global indices [b, k]).
         """
-        m = self.config.model
-        plain = self.plain
-        xn, yn = plain._norm_in(x), plain._norm_out(y)
-        x_c = plain._encoder_input(xn)
-        values, indices = self._encode(x_c, training=True)
-        main_values, main_indices = (values[:, : m.k], indices[:, : m.k]) if m.multi_topk else (values, indices)
-        error = self._decode(main_values, main_indices, xn) - yn
-        total_variance = self._total_variance(yn)
-        fvu = self._batch_sum(error.pow(2)) / total_variance
-        loss = fvu
-        dec_terms = [(error * (2 / total_variance), main_values, main_indices, True)]
-        if m.multi_topk:
-            error_multi = self._decode(values, indices, xn) - yn
-            loss = loss + self._batch_sum(error_multi.pow(2)) / total_variance / 8
-            dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
-        aux_loss = torch.zeros((), device=x.device)
-        aux = self._aux_term(x_c, error) if plain.aux_active and m.aux_coef > 0 else None
-        if aux is not None:
-            aux_loss, aux_term = aux
-            loss = loss + m.aux_coef * aux_loss
-            dec_terms.append(aux_term)
-
-        local_terms = [(g, v, owned(i, self.lo, self.hi), shared) for g, v, i, shared in dec_terms]
-        grads = plain._backward(xn, x_c, values, owned(indices, self.lo, self.hi), local_terms)
-        if not m.is_transcoder:
-            # The plain backward subtracts only this rank's part of the encoder's dx sum.
-            decoder_part = sum(g for g, _, _, shared in dec_terms if shared).sum(dim=0)
-            grads["b_dec"] = decoder_part - self.latent.all_reduce(decoder_part - grads["b_dec"])
-        l0 = self._batch_sum((main_values > 0).float()) / (x.shape[0] * self.data.size)
-        metrics = {"loss": loss, "fvu": fvu, "aux_loss": aux_loss, "l0": l0}
-        return metrics, grads, (main_values, main_indices)
-
-    def _aux_term(self, x_c: torch.Tensor, error: torch.Tensor):
-        """AuxK over the dead latents of every shard; None when none is dead. -> (loss, decoder term)."""
-        m = self.config.model
-        dead = torch.nonzero(self.plain.buffers["since_fired"][: self.hi - self.lo] > m.dead_tokens).squeeze(1)
-        total_dead = int(self.latent.all_reduce(torch.tensor([dead.numel()], device=x_c.device)).item())
-        if total_dead == 0:
-            return None
-        W_enc, b_enc, _ = self.plain._weights()
-        aux_values, aux_indices = self._select(x_c.to(self.plain.compute_dtype), W_enc[dead], b_enc[dead],
-                                               min(m.aux_k, total_dead), dead + self.lo)
-        _, _, W_dec = self.plain._weights()
-        aux_recon = sharded_decode(aux_values, aux_indices, W_dec, self.lo, self.latent)
-        residual = error.detach()
-        residual_variance = self._total_variance(residual).clamp_min(1e-12)
-        aux_error = aux_recon - residual
-        aux_loss = self._batch_sum(aux_error.pow(2)) / residual_variance
-        return aux_loss, (aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False)
-
-    def _reduce_over_data(self, grads: dict) -> dict:
-        """Gradients summed over the data ranks: dense ones by all-reduce, row-sparse ones by
-        gathering the touched rows, or densely when that sends fewer bytes (dense Adam only)."""
-        if self.data.size == 1:
-            return grads
-        out = {name: self.data.all_reduce(g) for name, g in grads.items() if isinstance(g, torch.Tensor)}
-        for name in ("W_enc", "W_dec"):
-            out[name] = self._reduce_rows(grads[name])
-        return out
-
-    def _reduce_rows(self, grad: RowSparseGrad) -> RowSparseGrad:
-        n_local = self.hi - self.lo
-        touched = self.data.all_gather(torch.tensor([grad.rows.numel()], device=grad.rows.device)).max().item()
-        width = grad.grad.shape[1] + (grad.bias_grad is not None)
-        sparse_bytes = (self.data.size - 1) * touched * (width * 4 + 8)
-        dense_bytes = 2 * (self.data.size - 1) * n_local * width * 4 // self.data.size
-        if dense_bytes < sparse_bytes and self.config.train.optimizer == "adam":
-            rows = torch.arange(n_local, device=grad.rows.device)
-            bias = None
-            if grad.bias_grad is not None:
-                bias = self.data.all_reduce(grad.bias_grad.new_zeros(n_local).index_copy_(0, grad.rows, grad.bias_grad))
-            return RowSparseGrad(rows, self.data.all_reduce(grad.to_dense(n_local)), bias)
-        every_rows = torch.cat(self.data.all_gather_rows(grad.rows))
-        rows, inverse = torch.unique(every_rows, sorted=True, return_inverse=True)
-        summed = grad.grad.new_zeros(rows.numel(), grad.grad.shape[1])
-        summed.index_add_(0, inverse, torch.cat(self.data.all_gather_rows(grad.grad)))
-        bias = None
-        if grad.bias_grad is not None:
-            bias = grad.bias_grad.new_zeros(rows.numel())
-            bias.index_add_(0, inverse, torch.cat(self.data.all_gather_rows(grad.bias_grad)))
-        return RowSparseGrad(rows, summed, bias)
-
-    def _clip_factor(self, grads: dict) -> torch.Tensor | None:
-        """optax.clip_by_global_norm's factor, the norm taken over every shard's rows."""
-        bound = self.config.train.grad_clip
-        if bound is None:
-            return None
-        enc, dec = grads["W_enc"], grads["W_dec"]
-        sharded = enc.grad.pow(2).sum() + enc.bias_grad.pow(2).sum() + dec.grad.pow(2).sum()
-        squares = self.latent.all_reduce(sharded.reshape(1)).reshape(()) + grads["b_dec"].pow(2).sum()
-        if "W_skip" in grads:
-            squares = squares + grads["W_skip"].pow(2).sum()
-        norm = squares.sqrt()
-        return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
+        return self.plain.loss_and_grads(x, y)
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -271,13 +156,3 @@ class ShardedTorchSAE:
         self.plain.aux_active = bool(counts[0] > 0)
         return {"dead_fraction": counts[0].item() / m.n_latents, "dense_fraction": counts[1].item() / m.n_latents}
 
-
-def _scaled(grads: dict, factor: torch.Tensor) -> dict:
-    """Every gradient times the clipping factor."""
-    out = {}
-    for name, g in grads.items():
-        if isinstance(g, RowSparseGrad):
-            out[name] = RowSparseGrad(g.rows, g.grad * factor, None if g.bias_grad is None else g.bias_grad * factor)
-        else:
-            out[name] = g * factor
-    return out
