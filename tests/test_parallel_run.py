@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from kill import die_before_step
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -47,14 +47,7 @@ def _train(overrides: list[str], kill_at: int | None = None) -> int:
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
     if kill_at is not None and int(os.environ.get("RANK", 0)) == 1:
-        step = trainer.backend.train_step
-
-        def step_or_die(x, y, lr):
-            if trainer.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return step(x, y, lr)
-
-        trainer.backend.train_step = step_or_die
+        die_before_step(trainer, kill_at)
     result = trainer.run()
     if dist.is_initialized():
         dist.destroy_process_group()
