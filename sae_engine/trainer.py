@@ -156,7 +156,8 @@ class Trainer:
             raise ConfigError(f"the data holds {len(source)} vectors, not more than data.eval_tokens = {d.eval_tokens}")
         self.eval_batch = _read_head(source, d.eval_tokens) if d.eval_tokens else None
         self.train_source = OffsetSource(source, d.eval_tokens)
-        precision = run_precision(config.train, self.device.type, _recorded_precision(latest_checkpoint(self.run_dir)))
+        compute_type = getattr(self.mesh, "compute_device_type", self.device.type)  # a JAX mesh: its devices'
+        precision = run_precision(config.train, compute_type, _recorded_precision(latest_checkpoint(self.run_dir)))
         config.train.precision_resolved = precision.dtype  # recorded in config.json and every checkpoint
         if self.is_main:
             log.info("computing in %s (%s)", precision.dtype, precision.reason)

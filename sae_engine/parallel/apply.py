@@ -32,6 +32,8 @@ class JaxMeshRun:
 
         self.data, self.latent = config.parallel.data, config.parallel.latent
         self.mesh = build_jax_mesh(self.data, self.latent)
+        # What "auto" precision is decided for: the mesh's devices, not the buffer's CPU.
+        self.compute_device_type = "cuda" if self.mesh.devices.flat[0].platform == "gpu" else "cpu"
 
 
 def setup(config: RunConfig, device: torch.device) -> ParallelMesh | JaxMeshRun | None:
