@@ -5,8 +5,9 @@ devices from ``XLA_FLAGS=--xla_force_host_platform_device_count=N``). The per-la
 (W_enc, b_enc, W_dec and their Adam moments) are split in contiguous row blocks over
 ``latent``, padded to a multiple of L rows (the split ``latent_ranges`` gives torch ranks);
 everything else is replicated. Codes come from the exact sharded selection and decoder of
-``jax_sharded``; a batch is split over ``data``, and XLA adds the reductions the loss, the
-gradients and BatchTopK's global threshold need. The compiled step is the one-device step.
+``jax_sharded``, whose gradients of W are summed over ``data`` by touched rows where that pays;
+a batch is split over ``data``, and XLA adds the other reductions the loss, the gradients and
+BatchTopK's global threshold need. The compiled step is the one-device step.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ index) candidates are gathered with ``lax.all_gather`` and sorted by (key descen
 ascending) in one ``lax.sort``; each device decodes its own winners and ``lax.psum`` adds the
 parts. Rows of x are split over ``data`` (when their count divides evenly; otherwise every data
 group computes all of them). Both are differentiable: gradients flow through the kernels' custom
-VJPs on each device, and ``shard_map``'s transposes sum them over the mesh.
+VJPs on each device and ``shard_map``'s transposes sum them over the mesh, except W's over
+``data``, which ``spread_over_data`` sums by touched rows where that sends fewer bytes.
 """
 from __future__ import annotations
 
@@ -70,6 +71,61 @@ def merge_candidates(keys: jax.Array, indices: jax.Array, k: int) -> tuple[jax.A
     return jnp.where(empty, 0.0, jnp.maximum(top, 0.0)), jnp.where(empty, EMPTY, chosen)
 
 
+def _touched_rows_pay(mesh: Mesh, rows: int, width: int, touched: int) -> bool:
+    """Whether gathering ``touched`` rows per device over ``data`` sends fewer bytes than the
+    dense all-reduce of a device's ``rows`` x ``width`` gradient (ring volumes, fp32, int32 ids)."""
+    D = mesh.shape["data"]
+    local_rows = rows // mesh.shape["latent"]
+    return D > 1 and (D - 1) * touched * (width + 1) * 4 < 2 * (D - 1) / D * local_rows * width * 4
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def spread_over_data(W: jax.Array, mesh: Mesh, touched: int) -> jax.Array:
+    """W [rows, w] (split on ``latent``) as [D, rows, w], one block per device of ``data``.
+
+    The kernels read W through this view, so each device's gradient comes back as its own
+    block instead of being summed densely over ``data``; the backward then sums only the rows
+    each device touched (at most ``touched``): one all-gather of their ids and values.
+    """
+    D = mesh.shape["data"]
+    return lax.with_sharding_constraint(jnp.broadcast_to(W[None], (D,) + W.shape),
+                                        jax.sharding.NamedSharding(mesh, P("data", "latent")))
+
+
+def _spread_fwd(W, mesh, touched):
+    return spread_over_data(W, mesh, touched), None
+
+
+def _spread_bwd(mesh, touched, _, g):
+    def body(g):
+        g = g[0]
+        rows = g.shape[0]
+        ids = jnp.nonzero(jnp.any(g != 0, axis=1), size=touched, fill_value=rows)[0]
+        values = jnp.take(g, ids, axis=0, mode="fill", fill_value=0)
+        ids = lax.all_gather(ids, "data", tiled=True)
+        values = lax.all_gather(values, "data", axis=0, tiled=True)
+        return (jnp.zeros_like(g).at[ids].add(values, mode="drop"),)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("data", "latent"),), out_specs=(P("latent"),),
+                         check_vma=False)(g)
+
+
+spread_over_data.defvjp(_spread_fwd, _spread_bwd)
+
+
+def _weights_in(W: jax.Array, mesh: Mesh, rows_per_device: int, k: int):
+    """W as the kernels' shard_map reads it, with its in_spec: spread over ``data`` where summing
+    touched rows pays (each device touches at most rows_per_device * k rows), else as it is."""
+    touched = rows_per_device * min(k, W.shape[0] // mesh.shape["latent"])
+    if _touched_rows_pay(mesh, W.shape[0], W.shape[1], touched):
+        return spread_over_data(W, mesh, touched), P("data", "latent"), lambda block: block[0]
+    return W, P("latent"), lambda block: block
+
+
+def _rows_per_device(batch: int, spec: P, mesh: Mesh) -> int:
+    return batch // mesh.shape["data"] if spec == P("data") else batch
+
+
 @partial(jax.jit, static_argnames=("k", "mesh"))
 def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
     """``topk_encode`` of x [B, d] over W_enc [n, d] split on ``latent``. -> (values [B, k] in
@@ -78,16 +134,18 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
     n = W_enc.shape[0]
     mask = jnp.ones(n, bool) if latent_mask is None else latent_mask.astype(bool)
     W, b, mask = pad_rows(W_enc, L, 0), pad_rows(b_enc, L, 0), pad_rows(mask, L, False)
+    rows = rows_spec(x.shape[0], mesh)
+    W, W_spec, block = _weights_in(W, mesh, _rows_per_device(x.shape[0], rows, mesh), k)
 
     def body(x, W, b, mask):
+        W = block(W)
         keys, indices = _local_candidates(x, W, b, mask, k)
         keys = lax.all_gather(keys, "latent", axis=1, tiled=True)
         indices = lax.all_gather(indices, "latent", axis=1, tiled=True)
         values, chosen = merge_candidates(keys, indices, k)
         return values.astype(x.dtype), chosen
 
-    rows = rows_spec(x.shape[0], mesh)
-    return jax.shard_map(body, mesh=mesh, in_specs=(rows, P("latent"), P("latent"), P("latent")),
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, W_spec, P("latent"), P("latent")),
                          out_specs=(rows, rows), check_vma=False)(x, W, b, mask)
 
 
@@ -95,14 +153,16 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
 def sharded_decode(values, indices, W_dec, mesh: Mesh):
     """``sparse_decode`` of a code with global indices [B, k] over W_dec [n, d] split on ``latent``."""
     W = pad_rows(W_dec, mesh.shape["latent"], 0)
+    rows = rows_spec(values.shape[0], mesh)
+    W, W_spec, block = _weights_in(W, mesh, _rows_per_device(values.shape[0], rows, mesh), values.shape[1])
 
     def body(values, indices, W):
+        W = block(W)
         rows = W.shape[0]
         lo = lax.axis_index("latent") * rows
         mine = (indices >= lo) & (indices < lo + rows)
         part = kj.sparse_decode(values, jnp.where(mine, indices - lo, EMPTY), W).astype(jnp.float32)
         return lax.psum(part, "latent")
 
-    rows = rows_spec(values.shape[0], mesh)
-    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, P("latent")), out_specs=rows,
+    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, W_spec), out_specs=rows,
                          check_vma=False)(values, indices, W)
