@@ -162,6 +162,13 @@ class RingBuffer:
         self.tokens_served += len(slots)
         return batch
 
+    def upcoming(self, batch_size: int) -> torch.Tensor | None:
+        """The batch the next ``next_batch(batch_size)`` will serve, where it is already fixed
+        (enough vectors queued, so no merge comes first); None otherwise. Changes nothing."""
+        if len(self._queue) < batch_size:
+            return None
+        return self.storage[self._queue[:batch_size].to(self.device)]
+
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[torch.Tensor]:
         """Iterate batches until the source is exhausted and the buffer drained."""
         while (batch := self.next_batch(batch_size, drop_last)) is not None:

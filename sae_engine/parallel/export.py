@@ -3,14 +3,13 @@
 The file has the keys and tensors of a single-process checkpoint's ``model.safetensors``. The
 header is written first from DCP's metadata (every tensor's shape and dtype); then each
 tensor's row chunks, as the ranks saved them, are read one at a time in row order and
-appended. Memory holds one rank's chunk of one tensor, never the whole SAE.
+appended (``sae_engine.stream_safetensors``). Memory holds one rank's chunk of one tensor,
+never the whole SAE.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from ..checkpoint import MODEL_KEYS_PREFIXES, latest_checkpoint
+from ..stream_safetensors import write_streamed
 from .checkpoint import is_sharded, read_meta
-
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.uint8: "U8"}
-
 
 def _model_entries(folder: Path):
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
@@ -62,29 +59,18 @@ def export_sharded(checkpoint: Path, out: Path, file_metadata: dict[str, str] | 
     ``file_metadata``: the safetensors header's string metadata."""
     folder = Path(checkpoint) / "dcp"
     metadata, tensors = _model_entries(folder)
-    header: dict = {"__metadata__": file_metadata} if file_metadata else {}
-    offset = 0
-    for key, meta in tensors.items():
-        size = meta.properties.dtype.itemsize * int(torch.Size(meta.size).numel())
-        header[key] = {"dtype": _DTYPES[meta.properties.dtype], "shape": list(meta.size), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)) + encoded)
-        for key, meta in tensors.items():
-            for chunk in sorted(meta.chunks, key=lambda c: tuple(c.offsets)):
-                info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
-                with open(folder / info.relative_path, "rb") as part:
-                    part.seek(info.offset)
-                    rows = torch.load(io.BytesIO(part.read(info.length)), weights_only=True)
-                if tuple(rows.shape) != tuple(chunk.sizes):
-                    raise ValueError(f"{folder}: chunk of {key} at {list(chunk.offsets)} holds {list(rows.shape)}, "
-                                     f"its metadata says {list(chunk.sizes)}")
-                handle.write(rows.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out)
-    return out
+
+    def chunks(key: str):
+        """The rank files' row blocks of ``key``, in row order."""
+        for chunk in sorted(tensors[key].chunks, key=lambda c: tuple(c.offsets)):
+            info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            with open(folder / info.relative_path, "rb") as part:
+                part.seek(info.offset)
+                rows = torch.load(io.BytesIO(part.read(info.length)), weights_only=True)
+            if tuple(rows.shape) != tuple(chunk.sizes):
+                raise ValueError(f"{folder}: chunk of {key} at {list(chunk.offsets)} holds {list(rows.shape)}, "
+                                 f"its metadata says {list(chunk.sizes)}")
+            yield rows
+
+    entries = [(key, meta.properties.dtype, tuple(meta.size)) for key, meta in tensors.items()]
+    return write_streamed(Path(out), entries, chunks, file_metadata)

@@ -49,46 +49,39 @@ class SharedOrderFeed:
                  seed: int, rank: int, parts: int) -> None:
         self.source, self.dtype, self.device, self.rank, self.parts = source, dtype, device, rank, parts
         self.order = RingBuffer(PositionSource(len(source)), capacity, dtype=torch.int64, seed=seed, background=False)
-        self.rows_read = 0  # vectors this rank read from the source
+        self.rows_read = 0  # vectors this rank read from the source for its batches
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feed-read")
-        # The batch drawn ahead: (order state before drawing it, the request, its rows being read).
-        self._ahead: tuple[dict, tuple[int, bool], Future | None] | None = None
+        self._ahead: tuple[torch.Tensor, Future] | None = None  # the next batch's positions, being read
 
-    def _draw(self, batch_size: int, drop_last: bool) -> tuple[dict, tuple[int, bool], Future | None]:
-        before = self.order.state_dict()
-        positions = self.order.next_batch(batch_size, drop_last)
-        if positions is None:
-            return before, (batch_size, drop_last), None
+    def _share(self, positions: torch.Tensor) -> torch.Tensor:
+        """This rank's positions [m / parts] of a global batch's [m, 1]."""
         share = len(positions) // self.parts
-        mine = positions[self.rank * share : (self.rank + 1) * share, 0]
-        pin = self.device.type == "cuda"
-        return before, (batch_size, drop_last), self._reader.submit(
-            lambda: self.source.rows(mine).pin_memory() if pin else self.source.rows(mine))
+        return positions[self.rank * share : (self.rank + 1) * share, 0]
+
+    def _read(self, positions: torch.Tensor) -> torch.Tensor:
+        rows = self.source.rows(positions)
+        return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def next_batch(self, batch_size: int, drop_last: bool = False) -> torch.Tensor | None:
-        """This rank's rows [batch_size / parts, d] of the next global batch, or None at the end."""
-        if self._ahead is None or self._ahead[1] != (batch_size, drop_last):
-            self._rewind()
-            self._ahead = self._draw(batch_size, drop_last)
-        _, _, rows = self._ahead
-        if rows is None:
-            return None
-        batch = rows.result()
-        self.rows_read += len(batch)
-        self._ahead = self._draw(batch_size, drop_last)  # read while this batch trains
-        return batch.to(self.device, self.dtype, non_blocking=True)
+        """This rank's rows [batch_size / parts, d] of the next global batch, or None at the end.
 
-    def _rewind(self) -> None:
-        """Put back the batch drawn ahead (its rows are read again when it is drawn again)."""
-        if self._ahead is not None:
-            if self._ahead[2] is not None:
-                self._ahead[2].cancel()
-            self.order.load_state_dict(self._ahead[0])
-            self._ahead = None
+        The rows of the batch after it are read in the background while this one trains, where
+        the order has already fixed them (all but the batch after each merge of the buffer)."""
+        positions = self.order.next_batch(batch_size, drop_last)
+        if positions is None:
+            return None
+        mine = self._share(positions)
+        ahead, self._ahead = self._ahead, None
+        rows = ahead[1].result() if ahead is not None and torch.equal(ahead[0], mine) else self._read(mine)
+        upcoming = self.order.upcoming(batch_size)
+        if upcoming is not None:
+            following = self._share(upcoming)
+            self._ahead = (following, self._reader.submit(self._read, following))
+        self.rows_read += len(rows)
+        return rows.to(self.device, self.dtype, non_blocking=True)
 
     def state_dict(self) -> dict:
-        """The order's state after the batches served so far (not the one drawn ahead)."""
-        state = dict(self._ahead[0]) if self._ahead is not None else self.order.state_dict()
+        state = self.order.state_dict()
         del state["unserved"]  # the positions themselves, also under "unserved_positions"
         return state
 
@@ -97,7 +90,7 @@ class SharedOrderFeed:
         if positions is None or bool((positions < 0).any()):
             raise ValueError("this checkpoint's buffer state does not record the positions of its unserved vectors "
                              "(written before they were kept); resume it with parallel.data = 1")
-        self._rewind()
+        self._ahead = None
         self.order.load_state_dict({**state, "unserved": positions.unsqueeze(1)})
 
 
