@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from sae_engine.precision import resolve_precision
+from sae_engine.training.precision import resolve_precision
 from sae_kernels.hardware import cpu_info
 
 

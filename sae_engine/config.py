@@ -4,7 +4,7 @@ A run config has three sections, ``[model]``, ``[data]`` and ``[train]``; see
 ``examples/*.toml`` for documented examples. ``[data]`` holds the generic keys; each activation
 source's own settings live in its sub-table (``[data.synthetic]``, ``[data.shards]``,
 ``[data.esm]``), parsed into the options dataclass that the source registers
-(:mod:`sae_engine.registry`). Every check happens before any work starts, and each failure names
+(:mod:`sae_engine.data.registry`). Every check happens before any work starts, and each failure names
 the offending key and value.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .parallel_config import ParallelConfig
-from .registry import UnknownSourceError, get_source, source_names, table_spec
+from .data.registry import UnknownSourceError, get_source, source_names, table_spec
 
 
 class ConfigError(ValueError):

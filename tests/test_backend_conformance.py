@@ -1,4 +1,4 @@
-"""Every backend keeps the contract of ``sae_engine.backend.SAEBackend``; torch and JAX agree.
+"""Every backend keeps the contract of ``sae_engine.training.backend.SAEBackend``; torch and JAX agree.
 
 The contract tests run once per backend; the parity tests start both backends from one state,
 feed them the same batches and compare losses and every state tensor (fp32 compute).
@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-from sae_engine.backend import EVAL_METRICS, LATENT_STATS, METRICS, SAEBackend, code_width, state_shapes
+from sae_engine.training.backend import EVAL_METRICS, LATENT_STATS, METRICS, SAEBackend, code_width, state_shapes
 from sae_engine.config import ConfigError, load_config
-from sae_engine.torch_backend import TorchSAE
+from sae_engine.training.torch_backend import TorchSAE
 
 D_IN, D_OUT, N, B = 16, 12, 96, 64
 BASE = [f"model.d_in={D_IN}", f"model.n_latents={N}", "model.k=4", "model.dead_tokens=32", "train.precision='fp32'"]
@@ -33,7 +33,7 @@ def _make(backend: str, extra: list[str]) -> SAEBackend:
     if backend == "torch":
         return TorchSAE(config, torch.device("cpu"))
     pytest.importorskip("jax")
-    from sae_engine.jax_backend import JaxSAE
+    from sae_engine.training.jax_backend import JaxSAE
 
     return JaxSAE(config)
 

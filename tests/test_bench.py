@@ -88,7 +88,7 @@ def test_failed_setup_names_the_cause() -> None:
 
 
 def test_train_step_jax_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "sae_engine.jax_backend", None)  # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "sae_engine.training.jax_backend", None)  # as if the module did not exist
     assert cli_main(["bench", "train-step", *TINY_STEP, "--backend", "jax", "--json"]) != 0
     captured = capsys.readouterr()
     assert captured.out == ""

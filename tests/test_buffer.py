@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_engine.buffer import RingBuffer
-from sae_engine.sources import ArraySource, ShardSource, SyntheticSource
+from sae_engine.training.buffer import RingBuffer
+from sae_engine.data.sources import ArraySource, ShardSource, SyntheticSource
 
 
 def _ids(n: int, d: int = 3) -> torch.Tensor:

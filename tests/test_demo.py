@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_engine.demo import sample_proteins
+from sae_engine.apps.demo import sample_proteins
 from sae_engine.esm.prepare import data_dir
 
 PREPARED = (data_dir() / "human.fasta").exists() and (data_dir() / "go.sqlite").exists()
@@ -31,7 +31,7 @@ def test_the_sample_is_seeded_stable_and_within_the_length_range():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from sae_engine.demo import run_demo
+    from sae_engine.apps.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     return out, run_demo(out, proteins=300, n_latents=512)

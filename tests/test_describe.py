@@ -13,8 +13,8 @@ import scipy.sparse as sp
 
 pytest.importorskip("anthropic")
 
-from sae_engine.describe import CachedClient, ProteinInfo, describe_features, parse_predictions  # noqa: E402
-from sae_engine.features import ProteinActivations  # noqa: E402
+from sae_engine.apps.describe import CachedClient, ProteinInfo, describe_features, parse_predictions  # noqa: E402
+from sae_engine.evaluation.features import ProteinActivations  # noqa: E402
 
 OLFACTORY = "PF13853"
 

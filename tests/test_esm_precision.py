@@ -20,7 +20,7 @@ from sae_engine.esm.forward import FastESM2, vectors  # noqa: E402
 from sae_engine.esm.live import LiveSource  # noqa: E402
 from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
 from sae_engine.esm.store import ActivationStore, StoreError  # noqa: E402
-from sae_engine.precision import resolve_precision  # noqa: E402
+from sae_engine.training.precision import resolve_precision  # noqa: E402
 
 LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -152,7 +152,7 @@ def test_live_source_computes_in_its_precision(loaded, proteins) -> None:
 def test_training_sources_follow_the_runs_precision(tmp_path, model_dir, proteins, precision, resolved) -> None:
     """train.precision decided for the CPU, or the run's recorded train.precision_resolved."""
     from sae_engine.config import load_config
-    from sae_engine.registry import build_source
+    from sae_engine.data.registry import build_source
 
     fasta, _ = proteins
     sets = ["model.d_in=32", "model.n_latents=64", "model.k=4", f"train.precision='{precision}'",

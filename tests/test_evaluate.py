@@ -21,7 +21,7 @@ from sae_engine.evaluation.controls import (Residualizer, covariates, length_dec
 from sae_engine.evaluation.inputs import load_labels, load_sequences
 from sae_engine.evaluation.summary import matched_subsets
 from sae_engine.evaluation.units import Labels, evaluate_units, top_sets
-from sae_engine.features import ProteinActivations
+from sae_engine.evaluation.features import ProteinActivations
 from sae_engine.go.ontology import NAMESPACES
 
 GO = Path(__file__).parent / "data" / "go"
@@ -307,7 +307,7 @@ def test_sparse_composition_units_rarely_pass_on_real_human_proteins(tmp_path):
 
     (The 280-protein fixture is no proteome: a third of it is three families that composition
     alone tells apart, so this needs the prepared data.)"""
-    from sae_engine.demo import sample_proteins
+    from sae_engine.apps.demo import sample_proteins
     from sae_engine.evaluation.nulls import composition_units
 
     root = data_dir()

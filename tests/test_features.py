@@ -8,8 +8,8 @@ import torch
 from sae_engine.config import load_config
 from sae_engine.esm.extract import ActivationStore
 from sae_engine.esm.models import random_esm2, save_hf_esm2
-from sae_engine.features import ProteinActivations, load_sae_code, neuron_code, protein_activations, write_study_tsv
-from sae_engine.trainer import train
+from sae_engine.evaluation.features import ProteinActivations, load_sae_code, neuron_code, protein_activations, write_study_tsv
+from sae_engine.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_a_missing_store_is_named(tmp_path):
 
 
 def test_dense_pooling_equals_brute_force_and_mean_vectors_equal_a_mean_pooled_store(trained):
-    from sae_engine.features import mean_vectors, pooled_dense, signed_neurons, topk_code
+    from sae_engine.evaluation.features import mean_vectors, pooled_dense, signed_neurons, topk_code
 
     store = trained / "store"
 

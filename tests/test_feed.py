@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_engine.buffer import RingBuffer
+from sae_engine.training.buffer import RingBuffer
 from sae_engine.parallel.feed import KeepRowsFeed, SharedOrderFeed, make_feed
-from sae_engine.sources import ArraySource, OffsetSource, PairedSource, ShardSource, SyntheticSource
+from sae_engine.data.sources import ArraySource, OffsetSource, PairedSource, ShardSource, SyntheticSource
 
 CAPACITY, BATCH, SEED = 96, 24, 5
 
@@ -129,8 +129,8 @@ def _train_rank(overrides: list[str], kill_at: int | None = None) -> tuple[str, 
     from kill import die_before_step
 
     from sae_engine.config import load_config
-    from sae_engine.registry import build_source
-    from sae_engine.trainer import Trainer
+    from sae_engine.data.registry import build_source
+    from sae_engine.training.trainer import Trainer
 
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
@@ -149,12 +149,12 @@ def _overrides(out_dir, steps: int) -> list[str]:
 
 
 def test_data_ranks_read_disjoint_shares_and_resume_exactly_after_kill(tmp_path):
-    from sae_engine.checkpoint import latest_checkpoint
+    from sae_engine.checkpoints.single import latest_checkpoint
     from sae_engine.config import load_config
     from sae_engine.parallel.apply import BUFFER_KEYS
-    from sae_engine.parallel.checkpoint import load_rows
+    from sae_engine.checkpoints.dcp import load_rows
     from sae_engine.parallel.launch import run_local
-    from sae_engine.torch_backend import TorchSAE
+    from sae_engine.training.torch_backend import TorchSAE
 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert run_local(_train_rank, 2, _overrides(clean, 8), timeout=120) == [("SharedOrderFeed", 128, 8)] * 2

@@ -36,9 +36,9 @@ nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
 
 from sae_engine.cli import main as cli_main  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
-from sae_engine.runs import load_trained_sae  # noqa: E402
+from sae_engine.checkpoints.runs import load_trained_sae  # noqa: E402
 from sae_engine.interop import InteropError, load_model  # noqa: E402
-from sae_engine.trainer import train  # noqa: E402
+from sae_engine.training.trainer import train  # noqa: E402
 
 D, N, K = 16, 64, 4
 GO = Path(__file__).resolve().parent / "data" / "go"

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("jax")
 
-from sae_engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
-from sae_engine.trainer import train  # noqa: E402
+from sae_engine.training.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["model.d_in=16", "model.n_latents=96", "model.k=4", "model.dead_tokens=64", "train.precision='fp32'"]
@@ -54,7 +54,7 @@ def test_data_parallel_over_four_host_devices_equals_one_device():
         import numpy as np, torch, jax
         from jax.sharding import Mesh
         from sae_engine.config import load_config
-        from sae_engine.jax_backend import JaxSAE, shard_batch
+        from sae_engine.training.jax_backend import JaxSAE, shard_batch
         assert len(jax.devices()) == 4
         config = load_config(None, %r)
         single, sharded = JaxSAE(config), JaxSAE(config)

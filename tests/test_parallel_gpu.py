@@ -16,11 +16,11 @@ def _one_gpu_rank(out_dir: str) -> dict[str, float]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from sae_engine.parallel.checkpoint import load_rows, save_sharded
+    from sae_engine.checkpoints.dcp import load_rows, save_sharded
     from sae_engine.parallel.comm import Comm
     from sae_engine.parallel.mesh import ParallelMesh
     from sae_engine.parallel.torch_sharded import ShardedTorchSAE
-    from sae_engine.torch_backend import TorchSAE
+    from sae_engine.training.torch_backend import TorchSAE
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)

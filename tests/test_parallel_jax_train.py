@@ -103,8 +103,8 @@ def _overrides(out_dir: Path, steps: int, data: int = 1, latent: int = 1, backen
 
 def _train(overrides: list[str], kill_at: int | None = None) -> int:
     from sae_engine.config import load_config
-    from sae_engine.registry import build_source
-    from sae_engine.trainer import Trainer
+    from sae_engine.data.registry import build_source
+    from sae_engine.training.trainer import Trainer
 
     config = load_config(None, overrides)
     trainer = Trainer(config, build_source(config))
@@ -119,11 +119,11 @@ def _state(run_dir: Path):
     """A run's latest state tensors, whole, as one process reads them (any checkpoint layout)."""
     import torch
 
-    from sae_engine.checkpoint import latest_checkpoint, load_checkpoint
+    from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint
     from sae_engine.config import load_config
-    from sae_engine.parallel.checkpoint import is_sharded, load_rows
-    from sae_engine.parallel.jax_checkpoint import is_orbax, read_ring, read_tensors
-    from sae_engine.torch_backend import TorchSAE
+    from sae_engine.checkpoints.dcp import is_sharded, load_rows
+    from sae_engine.checkpoints.orbax import is_orbax, read_ring, read_tensors
+    from sae_engine.training.torch_backend import TorchSAE
 
     path = latest_checkpoint(run_dir)
     if is_orbax(path):
@@ -159,7 +159,7 @@ def _case_backend() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_parallel_train import LR, _batches, _configs
 
-    from sae_engine.jax_backend import JaxSAE
+    from sae_engine.training.jax_backend import JaxSAE
     from sae_engine.parallel.jax_mesh import build_jax_mesh, sharded_jax_backend
 
     def train(sae, config):
@@ -217,7 +217,7 @@ def _case_resume(tmp: Path) -> None:
     from safetensors.torch import load_file
 
     from sae_engine.cli import main as cli_main
-    from sae_engine.runs import load_trained_sae
+    from sae_engine.checkpoints.runs import load_trained_sae
 
     run, single = tmp / "run", tmp / "single"
     assert _train(_overrides(run, 6, latent=2)) == 6

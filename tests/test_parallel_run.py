@@ -19,15 +19,15 @@ from kill import die_before_step
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sae_engine.checkpoint import latest_checkpoint
+from sae_engine.checkpoints.single import latest_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import ConfigError, load_config
-from sae_engine.parallel.checkpoint import load_rows
+from sae_engine.checkpoints.dcp import load_rows
 from sae_engine.parallel.launch import run_local
-from sae_engine.torch_backend import TorchSAE
-from sae_engine.registry import build_source
-from sae_engine.runs import load_trained_sae
-from sae_engine.trainer import Trainer
+from sae_engine.training.torch_backend import TorchSAE
+from sae_engine.data.registry import build_source
+from sae_engine.checkpoints.runs import load_trained_sae
+from sae_engine.training.trainer import Trainer
 
 BATCH = 32
 BASE = ["model.d_in=16", "model.n_latents=45", "model.k=4", "model.dead_tokens=64", "model.k_aux=8",

@@ -21,7 +21,7 @@ from sae_engine.parallel.grad_sum import sum_over_data
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.torch_sharded import ShardedTorchSAE
-from sae_engine.torch_backend import TorchSAE
+from sae_engine.training.torch_backend import TorchSAE
 
 STEPS, BATCH, LR = 20, 32, 1e-3
 

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from sae_engine.precision import resolve_precision
+from sae_engine.training.precision import resolve_precision
 from sae_kernels.hardware import CpuInfo, cpu_info, parse_cpuinfo
 
 ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse sse2 avx fma avx2 bmi2\n"

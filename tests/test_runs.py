@@ -9,16 +9,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from sae_engine.checkpoint import latest_checkpoint, load_checkpoint
+from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import load_config
-from sae_engine.parallel.checkpoint import load_rows
-from sae_engine.parallel.export import export_sharded
+from sae_engine.checkpoints.dcp import load_rows
+from sae_engine.checkpoints.dcp_export import export_sharded
 from sae_engine.parallel.launch import run_local
-from sae_engine.registry import build_source
-from sae_engine.runs import RunError, load_run_weights, load_trained_sae
-from sae_engine.torch_backend import TorchSAE
-from sae_engine.trainer import Trainer
+from sae_engine.data.registry import build_source
+from sae_engine.checkpoints.runs import RunError, load_run_weights, load_trained_sae
+from sae_engine.training.torch_backend import TorchSAE
+from sae_engine.training.trainer import Trainer
 
 SMALL = ["model.d_in=16", "model.n_latents=40", "model.k=4", "data.synthetic.tokens=1024", "data.buffer_size=256",
          "data.eval_tokens=64", "train.batch_size=32", "train.max_tokens=192", "train.progress=false",

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from sae_engine.config import RunConfig
-from sae_engine.init import geometric_median
-from sae_engine.optim import Adam
-from sae_engine.torch_backend import TorchSAE
+from sae_engine.training.init import geometric_median
+from sae_engine.training.optim import Adam
+from sae_engine.training.torch_backend import TorchSAE
 
 
 def _config(**model) -> RunConfig:

@@ -1,7 +1,7 @@
 """A run computes in the precision decided at its start, records it, and keeps it on resume.
 
 Which hardware a run starts or resumes on is simulated by the CPU description that
-``sae_engine.precision`` reads (``/proc/cpuinfo`` texts of a Zen 4 and a Zen 3 EPYC); the
+``sae_engine.training.precision`` reads (``/proc/cpuinfo`` texts of a Zen 4 and a Zen 3 EPYC); the
 training itself is real.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_engine import precision as precision_module
-from sae_engine.checkpoint import latest_checkpoint
+from sae_engine.training import precision as precision_module
+from sae_engine.checkpoints.single import latest_checkpoint
 from sae_engine.config import load_config
-from sae_engine.precision import resolve_precision
-from sae_engine.registry import build_source
-from sae_engine.trainer import Trainer
+from sae_engine.training.precision import resolve_precision
+from sae_engine.data.registry import build_source
+from sae_engine.training.trainer import Trainer
 from sae_kernels.hardware import parse_cpuinfo
 
 ZEN4 = parse_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16\n")

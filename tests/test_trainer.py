@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_engine.checkpoint import latest_checkpoint
+from sae_engine.checkpoints.single import latest_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import ConfigError, RunConfig, load_config
-from sae_engine.trainer import TrainingError, train
+from sae_engine.training.trainer import TrainingError, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -258,8 +258,8 @@ def test_trainer_takes_any_source_and_third_parties_register_theirs(tmp_path, mo
     """Trainer(config, source) reads whatever it is given; a registered source gets its own table."""
     from dataclasses import dataclass
 
-    from sae_engine import registry
-    from sae_engine.sources import ArraySource
+    from sae_engine.data import registry
+    from sae_engine.data.sources import ArraySource
 
     data = torch.from_numpy(np.random.default_rng(2).standard_normal((1600, 16)).astype(np.float32))
     result = train(_config(tmp_path), ArraySource(data))
@@ -290,7 +290,7 @@ def test_trainer_takes_any_source_and_third_parties_register_theirs(tmp_path, mo
 
 
 def test_a_source_of_the_wrong_width_or_an_empty_shard_is_refused(tmp_path):
-    from sae_engine.sources import ArraySource
+    from sae_engine.data.sources import ArraySource
 
     with pytest.raises(ConfigError, match=r"vectors of d=12, but the model needs d=16 \(model.d_in\)"):
         train(_config(tmp_path), ArraySource(torch.zeros(1000, 12)))

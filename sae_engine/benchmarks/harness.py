@@ -242,7 +242,7 @@ def machine_info(device: str, packages: tuple[str, ...] = ()) -> dict[str, Any]:
 
     from sae_kernels.hardware import cpu_info
 
-    from ..precision import resolve_precision
+    from ..training.precision import resolve_precision
 
     cpu = cpu_info()
     info: dict[str, Any] = {

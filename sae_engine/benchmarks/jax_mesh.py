@@ -74,7 +74,7 @@ def step_collectives(sae, x) -> list[dict]:
     """The collectives of ``sae``'s compiled training step on batch ``x`` (a JAX array as placed)."""
     import jax.numpy as jnp
 
-    from sae_engine.jax_backend import _train_step
+    from sae_engine.training.jax_backend import _train_step
 
     sae.state, sae.opt_state = sae.layout.place_state((sae.state, sae.opt_state), x)
     sae._placed_for = x.sharding
@@ -88,7 +88,7 @@ def _measure(data: int, latent: int, steps: int) -> dict:
     import torch
 
     from sae_engine.config import RunConfig
-    from sae_engine.jax_backend import JaxSAE
+    from sae_engine.training.jax_backend import JaxSAE
     from sae_engine.parallel.jax_mesh import build_jax_mesh, sharded_jax_backend
 
     config = RunConfig.from_dict({"model": SHAPE, "train": {"batch_size": BATCH, "precision": "fp32", "device": "cpu",

@@ -23,7 +23,7 @@ from sae_engine.parallel_config import ParallelConfig
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
 from sae_engine.parallel.torch_sharded import ShardedTorchSAE
-from sae_engine.torch_backend import TorchSAE
+from sae_engine.training.torch_backend import TorchSAE
 
 SHAPE = {"d_in": 64, "n_latents": 16384, "k": 16}
 BATCH = 512

@@ -110,7 +110,7 @@ class Row:
 
 def compute_dtype(precision: str, device: str) -> str:
     """"bf16" or "fp32": what ``precision`` computes in on this machine."""
-    from ..precision import resolve_precision
+    from ..training.precision import resolve_precision
 
     return resolve_precision(precision, device).dtype if precision == "auto" else precision
 
@@ -135,15 +135,15 @@ def engine_available(backend: str) -> str | None:
     if backend == "jax":
         if importlib.util.find_spec("jax") is None:
             return "--backend jax needs JAX (pip install 'sae-engine[jax]')"
-        if importlib.util.find_spec("sae_engine.jax_backend") is None:
-            return "--backend jax is not available yet: this install has no sae_engine.jax_backend"
+        if importlib.util.find_spec("sae_engine.training.jax_backend") is None:
+            return "--backend jax is not available yet: this install has no sae_engine.training.jax_backend"
     return None
 
 
 def build_ours(spec: Spec, x: torch.Tensor, precision: str, optimizer: str) -> Step:
     """The engine's backend on this spec, as ``sae-engine train`` builds it."""
     from ..config import RunConfig
-    from ..trainer import make_backend
+    from ..training.trainer import make_backend
 
     if spec.device == "cpu":
         from ..memory import tune_allocator
@@ -238,7 +238,7 @@ def import_libraries(case: Case, spec: Spec) -> None:
         reason = engine_available(spec.backend)
         if reason:
             raise Unavailable(reason)
-        importlib.import_module("sae_engine.jax_backend" if spec.backend == "jax" else "sae_engine.trainer")
+        importlib.import_module("sae_engine.training.jax_backend" if spec.backend == "jax" else "sae_engine.training.trainer")
     elif case.contender in PEERS:
         if importlib.util.find_spec(PEERS[case.contender]) is None:
             raise Unavailable(f"{case.contender} is not installed (pip install 'sae-engine[bench]')")

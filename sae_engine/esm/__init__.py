@@ -10,7 +10,7 @@
 - :mod:`.live`: ESM2 run inside the ring buffer's producer; :mod:`.splice`: masked-LM loss with
   an SAE spliced in.
 - :mod:`.sources`: the ``esm`` and ``esm_live`` training sources (``[data.esm]``), registered
-  with :mod:`sae_engine.registry`; :mod:`.commands`: the ``sae-engine`` subcommands.
+  with :mod:`sae_engine.data.registry`; :mod:`.commands`: the ``sae-engine`` subcommands.
 
 Needs the ``esm`` extra (fair-esm) to load models; importing this package alone imports nothing.
 """

@@ -6,7 +6,7 @@ at most ``max_tokens`` padded positions each) -> :class:`~.forward.FastESM2` -> 
 (:mod:`.store`). Layer numbering: see :mod:`.forward`; the manifest records ``final_norm``.
 
 Precision: ``ExtractConfig.precision`` ("auto", "bf16", "fp32") is decided for the model's device
-by :func:`sae_engine.precision.resolve_precision` (bf16 where the hardware has bf16 matrix units),
+by :func:`sae_engine.training.precision.resolve_precision` (bf16 where the hardware has bf16 matrix units),
 logged, and recorded in the manifest as ``precision_resolved``; a resumed store keeps its dtype.
 
 Under torchrun (``torchrun --nproc-per-node N -m sae_engine extract ...``) the batches of the
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..precision import CHOICES as PRECISIONS
-from ..precision import Precision, resolve_precision
+from ..training.precision import CHOICES as PRECISIONS
+from ..training.precision import Precision, resolve_precision
 from .batching import Tokenizer, plan_batches
 from .fasta import ESM2_MAX_RESIDUES, Record, crop, read_fasta
 from .forward import FastESM2, vectors

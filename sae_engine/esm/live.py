@@ -7,7 +7,7 @@ refill thread asks for them, so ESM2's forward overlaps SAE training. For transc
 the input and target layers side by side, ``[m, 2 * E]``. ``iter_from(start)`` skips whole
 batches before ``start`` without running them, so a resumed run recomputes at most one batch.
 The model runs where its parameters are (move it to CUDA for a device-resident pipeline), at
-``precision`` decided for that device (:func:`sae_engine.precision.resolve_precision`).
+``precision`` decided for that device (:func:`sae_engine.training.precision.resolve_precision`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..precision import resolve_precision
+from ..training.precision import resolve_precision
 from .batching import Tokenizer, plan_batches
 from .fasta import crop, read_fasta
 from .forward import FastESM2, vectors

@@ -1,7 +1,7 @@
 """ESM2 activations as training sources: ``esm`` (an activation store) and ``esm_live``.
 
 Both read the ``[data.esm]`` table (:class:`EsmOptions`) and are registered with
-:mod:`sae_engine.registry` by name, so the trainer never imports this package. ``esm`` opens the
+:mod:`sae_engine.data.registry` by name, so the trainer never imports this package. ``esm`` opens the
 store, extracting it first when it is missing or incomplete; ``esm_live`` runs ESM2 in the ring
 buffer's producer thread with nothing on disk. Checking the options imports no model code;
 fair-esm is needed only to build a source that runs the model. ESM2 computes in the run's
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..atomic import atomic_path
 from ..config import ConfigError
-from ..registry import SourceSpec
-from ..sources import ActivationSource, PairedSource
+from ..data.registry import SourceSpec
+from ..data.sources import ActivationSource, PairedSource
 
 if TYPE_CHECKING:
     from ..config import RunConfig

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path, write_json
-from ..sources import ShardSource
+from ..data.sources import ShardSource
 from .fasta import Window
 
 STORE_FORMAT = 1

@@ -37,7 +37,7 @@ def parse_unit_spec(spec: str) -> tuple[str, Path]:
 def load_families(specs: Sequence[str]) -> tuple[list[str], dict[str, sp.csr_matrix]]:
     """Protein ids (the first family's order) and each family's ``[P, U]`` max activations, rows
     aligned to those ids. Every family must hold units and exactly the same proteins."""
-    from ..features import ProteinActivations
+    from .features import ProteinActivations
 
     if not specs:
         raise EvaluationInputError("no --units given")

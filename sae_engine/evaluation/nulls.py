@@ -38,9 +38,9 @@ def random_unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
 
 def random_directions_in_store(store_dir: str | Path, layer: int, seed: int):
     """``ProteinActivations`` of ``d`` random directions of a store's layer, ReLU'd and pooled
-    like the neurons (``sae_engine.features.pooled_dense``)."""
+    like the neurons (``sae_engine.evaluation.features.pooled_dense``)."""
     from ..esm.extract import ActivationStore
-    from ..features import pooled_dense
+    from .features import pooled_dense
 
     d = int(ActivationStore(store_dir).manifest["settings"]["d"])
     directions = torch.from_numpy(random_unit_vectors(d, d, seed).astype(np.float32))  # [d, d]

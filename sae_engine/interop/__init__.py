@@ -27,7 +27,7 @@ def _format(name: str):
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> Path:
     """Write the latest checkpoint of ``run_dir`` in format ``fmt`` at ``out`` (a new folder)."""
-    from ..runs import load_run_weights
+    from ..checkpoints.runs import load_run_weights
     from .portable import check_fresh
 
     module = _format(fmt)

@@ -8,7 +8,7 @@ EXPORT_FORMATS = ["native", "saelens", "sparsify", "dictionary_learning"]
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..export import ExportError, export_native
+    from ..checkpoints.export import ExportError, export_native
 
     try:
         if args.format == "native":

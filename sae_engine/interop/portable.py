@@ -22,10 +22,10 @@ import sae_kernels
 from sae_kernels import EMPTY
 
 from ..atomic import atomic_path
-from ..checkpoint import save_checkpoint
+from ..checkpoints.single import save_checkpoint
 from ..config import ConfigError, RunConfig
-from ..export import ExportError
-from ..runs import RunWeights
+from ..checkpoints.export import ExportError
+from ..checkpoints.runs import RunWeights
 
 # A ReLU encoder as a threshold encoder: keep every strictly positive pre-activation.
 RELU_THRESHOLD = torch.finfo(torch.float32).tiny
@@ -188,7 +188,7 @@ def write_run(sae: PortableSAE, out_dir: str | Path, imported_from: dict[str, st
     OUT/train.toml`` (plus the data settings) continues training from these weights with a fresh
     optimizer state. ``imported_from`` (format, path) is kept in the checkpoint's meta.json.
     """
-    from ..torch_backend import TorchSAE
+    from ..training.torch_backend import TorchSAE
 
     out_dir = Path(out_dir)
     check_fresh(out_dir)

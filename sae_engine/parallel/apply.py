@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_checkpoint
+from ..checkpoints.single import load_checkpoint
 from ..config import ConfigError, RunConfig
-from .checkpoint import is_sharded, load_rows, save_sharded
+from ..checkpoints.dcp import is_sharded, load_rows, save_sharded
 from .mesh import ParallelMesh, build_mesh
 
 BUFFER_KEYS = ("buffer.unserved", "buffer.unserved_positions", "buffer.rng")
@@ -95,7 +95,7 @@ def save(run_dir: Path, step: int, backend, ring: dict[str, torch.Tensor], meta:
     if isinstance(mesh, ParallelMesh):
         tensors = {**backend.state_tensors(), **ring}
         return save_sharded(run_dir, step, tensors, meta, mesh, config.model.n_latents, keep)
-    from .jax_checkpoint import save_orbax
+    from ..checkpoints.orbax import save_orbax
 
     meta = {**meta, "mesh": {"data": mesh.data, "latent": mesh.latent}}
     return save_orbax(run_dir, step, backend.state_arrays(), ring, meta, keep)
@@ -107,7 +107,7 @@ def restore(path: Path, backend, mesh: ParallelMesh | JaxMeshRun | None, config:
     on ``mesh``; returns the ring buffer's tensors."""
     n = config.model.n_latents
     if (Path(path) / "orbax").is_dir():
-        from .jax_checkpoint import read_ring, read_rows, read_tensors, restore_on_mesh
+        from ..checkpoints.orbax import read_ring, read_rows, read_tensors, restore_on_mesh
 
         if isinstance(mesh, JaxMeshRun):
             restore_on_mesh(path, backend, backend.layout, adam_count, aux_active)

@@ -22,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ..buffer import RingBuffer
-from ..sources import ActivationSource, has_random_access
+from ..training.buffer import RingBuffer
+from ..data.sources import ActivationSource, has_random_access
 
 
 class PositionSource:

@@ -18,7 +18,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..config import ConfigError, RunConfig
-from ..jax_backend import ROW_PARAMS, JaxSAE
+from ..training.jax_backend import ROW_PARAMS, JaxSAE
 from .jax_sharded import rows_spec, make_mesh, sharded_decode, sharded_topk
 
 

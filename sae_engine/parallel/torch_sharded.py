@@ -27,7 +27,7 @@ import torch
 from sae_kernels import EMPTY
 
 from ..config import RunConfig
-from ..torch_backend import TorchSAE
+from ..training.torch_backend import TorchSAE
 from .comm import Comm
 from .grad_sum import sum_over_data
 from .init_rows import initial_rows

@@ -1,0 +1,1 @@
+"""The applications on top: the demo, the HTML report, LLM descriptions."""

@@ -1,0 +1,1 @@
+"""Checkpoints: layouts (single safetensors, DCP, orbax), reading and writing runs, export."""

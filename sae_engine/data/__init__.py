@@ -1,0 +1,1 @@
+"""Activation sources and the registry that names them."""

@@ -1,0 +1,145 @@
+"""The contract every training backend keeps (``TorchSAE``, ``JaxSAE``) and the rules they share.
+
+The trainer, the analysis code and the parallel wrappers speak to a backend only through
+``SAEBackend``. Shapes: raw input activations x [B, d_in]; targets y [B, d_out] (y is x for an
+SAE; another layer for a transcoder); a sparse code is (values [B, w] fp32, indices [B, w]
+int64, ``sae_kernels.EMPTY`` = -1 in empty slots). Tensors cross the contract as torch tensors
+on the CPU or the backend's device; metrics may be torch or JAX 0-d scalars (``float()`` reads them).
+
+The model (both backends): z = TopK(W_enc x_c + b_enc), prediction = W_dec^T z + b_dec
+(+ W_skip xn), with xn the normalised input and x_c = xn - b_dec for SAEs, xn for transcoders.
+Code widths, in one place:
+- TopK: the code holds the k largest pre-activations per row. With Multi-TopK (Gao et al. 2024)
+  training also selects 4k per row for the auxiliary loss at 4k, but the model's code (the main
+  loss, ``encode``, ``evaluate``, the firing statistics) is always the top k.
+- BatchTopK (Bussmann et al. 2024): training keeps the B*k largest pre-activations of the batch
+  among each row's ``row_cap`` best; inference keeps a row's candidates above the threshold
+  learned in training. Both give codes of width ``row_cap`` whose unkept slots are EMPTY.
+  Multi-TopK is defined for a fixed per-row k and BatchTopK has none (its L0 is set by the
+  threshold at inference), so ``RunConfig.validate`` rejects the combination.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..config import ModelConfig, RunConfig, TrainConfig
+from .precision import Precision, resolve_precision
+
+METRICS = ("loss", "fvu", "aux_loss", "l0")  # what train_step returns
+EVAL_METRICS = ("eval_fvu", "eval_l0")  # what evaluate returns
+LATENT_STATS = ("dead_fraction", "dense_fraction")  # what latent_stats returns
+
+
+def selection_width(m: ModelConfig) -> int:
+    """Candidates per row the encoder selects in a training step: k, 4k with Multi-TopK,
+    row_cap for BatchTopK (at most n_latents)."""
+    if m.kind == "batchtopk":
+        return m.row_cap
+    return min(4 * m.k if m.multi_topk else m.k, m.n_latents)
+
+
+def code_width(m: ModelConfig) -> int:
+    """Width w of the model's code (``encode``, ``evaluate``, the main loss): k for TopK,
+    row_cap for BatchTopK (slots not kept are EMPTY)."""
+    return m.row_cap if m.kind == "batchtopk" else m.k
+
+
+def state_shapes(m: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor in ``state_tensors`` (checkpoint names)."""
+    n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
+    params = {"W_enc": (n, d_in), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
+    if m.skip_connection:
+        params["W_skip"] = (d_out, d_in)
+    out = {f"param.{name}": (shape, torch.float32) for name, shape in params.items()}
+    out.update({f"adam.{moment}.{name}": (shape, torch.float32) for moment in "mv" for name, shape in params.items()})
+    out.update({
+        "buffer.since_fired": ((n + 1,), torch.int64),  # tokens since each latent fired; slot n: empty slots
+        "buffer.fire_count": ((n + 1,), torch.int64),  # firings in the current statistics window
+        "buffer.in_scale": ((), torch.float32),
+        "buffer.out_scale": ((), torch.float32),
+        "buffer.batchtopk_threshold": ((), torch.float32),
+    })
+    return out
+
+
+def run_precision(train: TrainConfig, device_type: str, recorded: str | None = None) -> Precision:
+    """A run's compute precision: ``recorded`` (the dtype its checkpoint says it started with,
+    kept on resume, with ``sae_engine.training.precision``'s warning where this hardware emulates bf16),
+    else ``train.precision`` decided for this device. Master weights, gradients and optimizer
+    state are fp32 either way."""
+    if recorded is None:
+        return resolve_precision(train.precision, device_type)
+    if train.precision not in ("auto", recorded):
+        warnings.warn(f"train.precision = {train.precision!r} is not applied: this run started in {recorded} "
+                      f"and resumes in it (a new train.out_dir starts a run in {train.precision})", stacklevel=2)
+    here = resolve_precision(recorded, device_type)
+    return Precision(recorded, f"recorded when the run started; here: {here.reason.removeprefix('requested; ')}")
+
+
+@runtime_checkable
+class SAEBackend(Protocol):
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device.
+
+    Attributes: ``config`` (the run's), ``precision`` (the compute dtype, "bf16" or "fp32"),
+    ``aux_active`` (whether AuxK runs: set by ``latent_stats`` once a latent is dead, restored
+    from checkpoints).
+    """
+
+    config: RunConfig
+    precision: str
+    aux_active: bool
+
+    @property
+    def adam_count(self) -> int:
+        """Completed optimizer steps (Adam's bias correction count)."""
+        ...
+
+    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data-dependent initialisation from a sample x [N, d_in], y [N, d_out]: the
+        normalisation scales (``model.normalize = "dataset"``) and b_dec."""
+        ...
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, Any]:
+        """Forward, sparse backward and one Adam step on a batch x [B, d_in], y [B, d_out].
+        -> ``METRICS`` as 0-d scalars, not yet synchronised (the caller decides when)."""
+        ...
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """``EVAL_METRICS`` on held-out x [B, d_in], y [B, d_out] with the inference code:
+        FVU of the prediction in the normalised target space, mean L0."""
+        ...
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64,
+        with w = ``code_width(config.model)``."""
+        ...
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction from a code values/indices [B, w] of raw input x [B, d_in] (read by
+        layer norm and the skip connection), in the target's raw scale. -> [B, d_out] fp32.
+        A transcoder with ``normalize = "layernorm"`` has no target scale to return to: ValueError."""
+        ...
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """An SAE's reconstruction of raw x [B, d_in]: ``decode(*encode(x), x)``. -> [B, d_in] fp32.
+        Transcoders: ValueError (they predict another layer; use ``decode``)."""
+        ...
+
+    def latent_stats(self, tokens: int) -> dict[str, float]:
+        """``LATENT_STATS`` (host sync): the fraction of latents that have not fired for more
+        than ``model.dead_tokens`` tokens, and of those that fired on more than 10 % of the
+        ``tokens`` since the last call; resets the window's firing counts, sets ``aux_active``."""
+        ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint needs, named and typed as ``state_shapes(config.model)``;
+        the same names, shapes and dtypes in every backend. They may be views of the live state
+        (no copy at large n): read or copy them before the next call that changes it."""
+        ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
+        """Restore ``state_tensors`` of any backend, with the step count and ``aux_active``."""
+        ...

@@ -1,0 +1,507 @@
+"""The PyTorch backend: parameters, the training step with a hand-written sparse backward, Adam.
+
+Model (all shapes in latents n, input width d_in, target width d_out):
+    W_enc [n, d_in], b_enc [n], W_dec [n, d_out] (unit-norm rows), b_dec [d_out],
+    W_skip [d_out, d_in] for transcoders with a skip connection.
+    SAE:        z = TopK(W_enc (x - b_dec) + b_enc);  x_hat = W_dec^T z + b_dec
+    transcoder: z = TopK(W_enc x + b_enc);            y_hat = W_dec^T z + b_dec (+ W_skip x)
+Losses: FVU (squared error over the target's total variance); AuxK on dead latents (reconstruct
+the residual with the top ``k_aux`` dead latents, Gao et al. 2024; zero when none is dead);
+optional Multi-TopK at 4k. Code widths and the rest of the contract: ``sae_engine.training.backend``.
+BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row's top
+``row_cap`` candidates, so no [B, n] tensor is built.
+
+The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
+out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
+
+Everything in a step that would cross processes when the batch or the latents are split over
+several (selection over all latents, decoding, sums over the batch) goes through a
+``StepSplit``; the default, ``OneProcess``, is the plain computation. The other parts of a step
+(normalisation, BatchTopK, the backward, clipping, the optimizer step, firing statistics) are
+public methods, so a wrapper that splits the model (``sae_engine.parallel.torch_sharded``)
+passes its own ``StepSplit`` and adds what else it needs (the gradient sum over data ranks).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+import sae_kernels
+from sae_kernels import EMPTY, RowSparseGrad
+
+from .backend import code_width, selection_width
+from ..config import RunConfig
+from .init import geometric_median, layer_normalize, mean_squared_norm_scale
+from .optim import Adam
+from .precision import resolve_precision
+
+ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
+
+
+def _pad_to(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
+    """Pad [B, k] on the right to [B, width]."""
+    if t.shape[1] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate sparse codes along the batch, padding to a common k with empty slots."""
+    width = max(v.shape[1] for v, _ in codes)
+    values = torch.cat([_pad_to(v.float(), width, 0.0) for v, _ in codes])
+    indices = torch.cat([_pad_to(i, width, EMPTY) for _, i in codes])
+    return values, indices
+
+
+class StepSplit(Protocol):
+    """What crosses processes in a step when the batch (rows) or the latents are split.
+
+    A process holds B rows of a batch of N and the latent rows of its own model (the ``n`` of
+    its config) of ``n_latents`` in all; a code's indices are global latent ids.
+    """
+
+    n_latents: int
+
+    def select(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+               row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``topk_encode`` over the latents of every process. x: [B, d]; W_enc [m, d], b_enc [m]:
+        the rows row_ids [m] (ascending) of this process's model (None: all of them).
+        -> values [B, k] in x's dtype, global indices [B, k]."""
+
+    def decode_sum(self, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        """``sparse_decode`` of a code [B, k] with global indices over every process's decoder
+        rows (W_dec: this process's). -> [B, d] fp32."""
+
+    def owned(self, indices: torch.Tensor) -> torch.Tensor:
+        """Global indices [B, k] as rows of this process's model; EMPTY where another owns them."""
+
+    def latent_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes holding the other latents of the same rows."""
+
+    def batch_candidates(self, values: torch.Tensor) -> torch.Tensor | None:
+        """BatchTopK's candidates of the whole batch, [N * w] fp32 (None: ``values`` [B, w] are all)."""
+
+    def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of t [B, ...] over the whole batch. -> 0-d."""
+
+    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of t [B] over the whole batch. -> 0-d."""
+
+    def total_variance(self, y: torch.Tensor) -> torch.Tensor:
+        """Squared deviation of y [B, d] from the batch mean, summed over the whole batch. -> 0-d."""
+
+
+class OneProcess:
+    """The ``StepSplit`` of a model and batch held whole by one process."""
+
+    def __init__(self, n_latents: int) -> None:
+        self.n_latents = n_latents
+
+    def select(self, x, W_enc, b_enc, k, row_ids=None):
+        values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k)
+        if row_ids is not None:
+            indices = torch.where(indices >= 0, row_ids[indices.clamp_min(0)], EMPTY)
+        return values, indices
+
+    def decode_sum(self, values, indices, W_dec):
+        return sae_kernels.sparse_decode(values, indices, W_dec).float()
+
+    def owned(self, indices):
+        return indices
+
+    def latent_sum(self, t):
+        return t
+
+    def batch_candidates(self, values):
+        return None
+
+    def batch_sum(self, t):
+        return t.sum()
+
+    def batch_mean(self, t):
+        return t.mean()
+
+    def total_variance(self, y):
+        return (y - y.mean(dim=0)).pow(2).sum()
+
+
+class TorchSAE:
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device
+    (``sae_engine.training.backend.SAEBackend``)."""
+
+    def __init__(self, config: RunConfig, device: torch.device, precision: str | None = None,
+                 generator: torch.Generator | None = None, split: StepSplit | None = None) -> None:
+        """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
+        decided for ``device`` (``sae_engine.training.precision``). ``split``: how the step's batch and
+        latents are spread over processes (None: ``OneProcess``)."""
+        self.config = config
+        self.device = device
+        self.split: StepSplit = split or OneProcess(config.model.n_latents)
+        # Code widths and AuxK's k follow the latents of every process, not this one's part.
+        self.whole_model = dataclasses.replace(config.model, n_latents=self.split.n_latents)
+        m = config.model
+        self.precision = precision or resolve_precision(config.train.precision, device.type).dtype
+        self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        gen = generator or torch.Generator().manual_seed(config.train.seed)
+        n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
+        W_dec = torch.randn(n, d_out, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        # Gao et al.: the encoder starts as the decoder's transpose (rows here), for SAEs.
+        if m.is_transcoder:
+            W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5
+        else:
+            W_enc = W_dec.clone()
+        self.params: dict[str, torch.Tensor] = {
+            "W_enc": W_enc,
+            "b_enc": torch.zeros(n),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(d_out),
+        }
+        if m.skip_connection:
+            self.params["W_skip"] = torch.zeros(d_out, d_in)
+        self.params = {name: p.to(device) for name, p in self.params.items()}
+        self.buffers: dict[str, torch.Tensor] = {
+            # Tokens since each latent last fired; slot n absorbs empty and zero-valued slots.
+            "since_fired": torch.zeros(n + 1, dtype=torch.int64, device=device),
+            "fire_count": torch.zeros(n + 1, dtype=torch.int64, device=device),
+            "in_scale": torch.ones((), device=device),
+            "out_scale": torch.ones((), device=device),
+            "batchtopk_threshold": torch.zeros((), device=device),
+        }
+        self.optimizer = Adam(self.params, config.train.adam_b1, config.train.adam_b2, config.train.adam_eps)
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        # Whether any latent may be dead: refreshed by the loop at log steps (no latent can be
+        # dead before dead_tokens have passed), so steps without dead latents skip AuxK entirely.
+        self.aux_active = False
+
+    @property
+    def adam_count(self) -> int:
+        return self.optimizer.count
+
+    # -- initialisation ----------------------------------------------------------------------
+
+    def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Data-dependent init from a sample: normalisation scales and b_dec. x: [N, d_in], y: [N, d_out]."""
+        m = self.config.model
+        if m.normalize == "dataset":
+            self.buffers["in_scale"].fill_(mean_squared_norm_scale(x))
+            self.buffers["out_scale"].fill_(mean_squared_norm_scale(y) if m.is_transcoder else self.buffers["in_scale"].item())
+        target = self.normalize_target(y.to(self.device))
+        if m.b_dec_init == "geometric_median":
+            self.params["b_dec"].copy_(geometric_median(target))
+        elif m.b_dec_init == "mean":
+            self.params["b_dec"].copy_(target.mean(dim=0))
+
+    # -- step parts: the pieces of a training step -------------------------------------------
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs x [B, d_in] in the model's normalised space. -> xn [B, d_in] fp32."""
+        if self.config.model.normalize == "layernorm":
+            return layer_normalize(x)
+        return x.float() * self.buffers["in_scale"]
+
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """Raw targets y [B, d_out] in the model's normalised space. -> yn [B, d_out] fp32."""
+        if self.config.model.normalize == "layernorm":
+            return layer_normalize(y)
+        return y.float() * self.buffers["out_scale"]
+
+    def encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: xn [B, d_in] less b_dec for an SAE, xn for a transcoder. -> x_c [B, d_in]."""
+        return xn if self.config.model.is_transcoder else xn - self.params["b_dec"]
+
+    def compute_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_enc [n, d_in], b_enc [n] and W_dec [n, d_out] in the compute dtype."""
+        cd = self.compute_dtype
+        return self.params["W_enc"].to(cd), self.params["b_enc"].to(cd), self.params["W_dec"].to(cd)
+
+    def batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool,
+                   batch_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK on per-row candidates values, indices [B, w]: in training keep the N*k largest
+        values of the batch of N rows (and move the inference threshold towards the smallest kept
+        positive value), at inference those at or above the threshold. Dropped slots become 0 / EMPTY.
+
+        batch_values: [N * w] fp32, the candidates of every row of the batch when this process
+        holds only B of its N rows; None: the batch is these B rows.
+        """
+        threshold = self.buffers["batchtopk_threshold"]
+        if training:
+            every = values.flatten().float() if batch_values is None else batch_values
+            budget = min(every.numel() // values.shape[1] * self.config.model.k, every.numel())
+            cutoff = every.topk(budget, sorted=False).values.min()
+            # The inference threshold: running mean of the smallest kept positive value.
+            smallest = torch.where((every >= cutoff) & (every > 0), every, torch.inf).min()
+            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
+            keep = values.float() >= cutoff
+        else:
+            keep = values.float() >= threshold
+        return values * keep, indices.masked_fill(~keep, EMPTY)
+
+    def dead_latents(self) -> torch.Tensor:
+        """Latents that have not fired for more than ``model.dead_tokens`` tokens. -> [m] int64, ascending."""
+        n = self.config.model.n_latents
+        return torch.nonzero(self.buffers["since_fired"][:n] > self.config.model.dead_tokens).squeeze(1)
+
+    # -- forward pieces ------------------------------------------------------------------------
+
+    def _encode(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, training: bool):
+        """Sparse code of the encoder input, in the compute dtype. -> values, indices [B, w]:
+        w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
+        code), ``code_width`` at inference."""
+        m = self.whole_model
+        width = selection_width(m) if training else code_width(m)
+        values, indices = self.split.select(x_c.to(self.compute_dtype), W_enc, b_enc, width)
+        if m.kind == "batchtopk":
+            every = self.split.batch_candidates(values) if training else None
+            values, indices = self.batch_topk(values, indices, training, every)
+        return values, indices
+
+    def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
+        """Prediction in the normalised target space. -> [B, d_out] fp32."""
+        out = self.split.decode_sum(values.to(W_dec.dtype), indices, W_dec) + self.params["b_dec"]
+        if "W_skip" in self.params:
+            out = out + xn @ self.params["W_skip"].T
+        return out
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64."""
+        xn = self.normalize_input(x.to(self.device))
+        W_enc, b_enc, _ = self.compute_weights()
+        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
+        return values.float(), indices
+
+    @torch.no_grad()
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction from a code [B, w] of raw x [B, d_in], in the target's raw scale. -> [B, d_out] fp32."""
+        m = self.config.model
+        if m.normalize == "layernorm" and m.is_transcoder:
+            raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
+                             "their raw scale is unknown")
+        x = x.to(self.device).float()
+        _, _, W_dec = self.compute_weights()
+        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self.normalize_input(x))
+        if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
+            return out * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
+        return out / self.buffers["out_scale"]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """An SAE's reconstruction of raw x [B, d_in], in x's own scale. -> [B, d_in] fp32."""
+        if self.config.model.is_transcoder:
+            raise ValueError("a transcoder predicts another layer; reconstruct() is for SAEs (use decode())")
+        return self.decode(*self.encode(x), x)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """FVU and L0 on held-out data (no training-time BatchTopK statistics)."""
+        xn, yn = self.normalize_input(x.to(self.device)), self.normalize_target(y.to(self.device))
+        W_enc, b_enc, W_dec = self.compute_weights()
+        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
+        recon = self._decode(values, indices, W_dec, xn)
+        total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
+        return {
+            "eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
+            "eval_l0": (values > 0).sum(dim=1).float().mean().item(),
+        }
+
+    # -- the training step -----------------------------------------------------------------------
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
+        """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out].
+
+        Returns metrics as 0-d tensors so the caller decides when to synchronise.
+        """
+        metrics, grads, (values, indices) = self.loss_and_grads(x, y)
+        factor = None
+        if self.config.train.grad_clip is not None:
+            factor = self.clip_factor(torch.cat(self.gradient_squares(grads)).sum().sqrt())
+        self.apply_gradients(grads, lr, factor)
+        self.track_firing(torch.where(values > 0, indices, EMPTY), x.shape[0])
+        return metrics
+
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
+        """Forward and sparse backward without touching the parameters. x: [B, d_in], y: [B, d_out].
+
+        Returns (metrics over the whole batch, grads by parameter name (``backward``'s; the
+        batch's sums over this process's rows), the main code (values, global indices) [B, k]).
+        """
+        m = self.config.model
+        k = m.k
+        xn, yn = self.normalize_input(x), self.normalize_target(y)
+        x_c = self.encoder_input(xn)
+        W_enc, b_enc, W_dec = self.compute_weights()
+
+        values, indices = self._encode(x_c, W_enc, b_enc, training=True)
+        main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
+        recon = self._decode(main_values, main_indices, W_dec, xn)
+        error = recon - yn
+        total_variance = self.split.total_variance(yn)
+        fvu = self.split.batch_sum(error.pow(2)) / total_variance
+        loss = fvu
+
+        # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code).
+        g_recon = error * (2 / total_variance)
+        dec_terms = [(g_recon, main_values, main_indices, True)]
+        if m.multi_topk:
+            error_multi = self._decode(values, indices, W_dec, xn) - yn
+            loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance / 8
+            dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
+        aux_loss = torch.zeros((), device=self.device)
+        dead = self.dead_latents() if self.aux_active and m.aux_coef > 0 else None
+        total_dead = 0 if dead is None else int(self.split.latent_sum(torch.tensor([len(dead)], device=self.device)).item())
+        if total_dead:
+            # The AuxK GEMM runs over the dead rows only: its cost scales with how many are dead.
+            aux_values, aux_indices = self.split.select(
+                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(self.whole_model.aux_k, total_dead), dead
+            )
+            aux_recon = self.split.decode_sum(aux_values, aux_indices, W_dec)
+            residual = error.detach()
+            residual_variance = self.split.total_variance(residual).clamp_min(1e-12)
+            aux_error = aux_recon - residual
+            aux_loss = self.split.batch_sum(aux_error.pow(2)) / residual_variance
+            loss = loss + m.aux_coef * aux_loss
+            dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
+
+        own = self.split.owned
+        grads = self.backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
+        metrics = {
+            "loss": loss,
+            "fvu": fvu,
+            "aux_loss": aux_loss,
+            "l0": self.split.batch_mean((main_values > 0).sum(dim=1).float()),
+        }
+        return metrics, grads, (main_values, main_indices)
+
+    def backward(self, xn: torch.Tensor, x_c: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                 dec_terms: list) -> dict[str, torch.Tensor | RowSparseGrad]:
+        """Sparse backward through every reconstruction term, then the encoder. -> grads by name:
+        W_enc (RowSparseGrad [U, d_in] with b_enc's), W_dec (RowSparseGrad [U', d_out], its
+        component along each row removed), b_dec [d_out], W_skip [d_out, d_in] when there is one.
+
+        xn, x_c: [B, d_in] the normalised and the encoder input; values, indices: [B, w] the
+        shared code (indices of this model's rows; EMPTY slots are skipped). dec_terms: (gradient
+        w.r.t. the term's output [B, d_out], its values, its indices, whether it reads the shared
+        code). The main and Multi-TopK terms read the shared code (main its first k slots), the
+        AuxK term its own. b_dec's gradient includes the encoder's ``-sum(dx)`` for an SAE.
+        """
+        B = xn.shape[0]
+        grads: dict[str, torch.Tensor | RowSparseGrad] = {}
+        # b_dec and W_skip enter the main and Multi-TopK reconstructions, not the AuxK one.
+        g_shared_out = sum(g for g, _, _, shared in dec_terms if shared)
+        grads["b_dec"] = g_shared_out.sum(dim=0)
+        if "W_skip" in self.params:
+            grads["W_skip"] = g_shared_out.T @ xn
+        # Decoder: all terms stacked along the batch, one gather-dot and one segmented reduction.
+        dec_values, dec_indices = _stack_codes([(v, idx) for _, v, idx, _ in dec_terms])
+        sources = torch.cat([g for g, _, _, _ in dec_terms])
+        # The backward reads the fp32 master weights: as fast here, and more exact.
+        dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, self.params["W_dec"])
+        grads["W_dec"] = self._remove_parallel(dec.W_dec)
+        # Encoder: gradients w.r.t. each code, side by side along k (they share input rows).
+        g_shared = torch.zeros(values.shape, device=self.device)
+        codes = [(values, indices, g_shared)]
+        for (_, v, idx, shared), g_v in zip(dec_terms, dec.dvalues.split(B)):
+            g_v = g_v[:, : v.shape[1]]
+            if shared:
+                g_shared[:, : v.shape[1]] += g_v
+            else:
+                codes.append((v, idx, g_v))
+        enc = sae_kernels.topk_encode_backward(
+            torch.cat([g for _, _, g in codes], dim=1),
+            torch.cat([v.float() for v, _, _ in codes], dim=1),
+            torch.cat([i for _, i, _ in codes], dim=1),
+            x_c,
+            self.params["W_enc"],
+        )
+        grads["W_enc"] = enc.W_enc
+        if not self.config.model.is_transcoder:
+            grads["b_dec"] = grads["b_dec"] - self.split.latent_sum(enc.dx.sum(dim=0))  # x_c = x - b_dec
+        return grads
+
+    def _remove_parallel(self, grad: RowSparseGrad) -> RowSparseGrad:
+        """Project out each decoder row's component along the row (the rows stay unit-norm)."""
+        rows = self.params["W_dec"][grad.rows]
+        along = torch.einsum("ud,ud->u", grad.grad, rows)  # row-wise dots without a [U, d] temporary
+        return RowSparseGrad(grad.rows, grad.grad.addcmul_(along.unsqueeze(1), rows, value=-1.0))
+
+    def gradient_squares(self, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared norms of ``backward``'s gradients: ([3] W_enc, b_enc, W_dec, the parameters with
+        a row per latent; [1 or 2] b_dec, W_skip)."""
+        rows = torch.stack([grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
+                            grads["W_dec"].grad.pow(2).sum()])
+        dense = torch.stack([grads[name].pow(2).sum() for name in ("b_dec", "W_skip") if name in grads])
+        return rows, dense
+
+    def clip_factor(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """optax.clip_by_global_norm's scale for a gradient of global norm ``norm`` (0-d): bound /
+        norm when the norm exceeds ``train.grad_clip``, else 1; None without clipping."""
+        bound = self.config.train.grad_clip
+        if bound is None:
+            return None
+        return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
+
+    def apply_gradients(self, grads: dict, lr: float, factor: torch.Tensor | None = None) -> None:
+        """One optimizer step on ``backward``'s gradients scaled by ``factor`` (0-d, from
+        ``clip_factor``; None: unscaled), then the decoder rows back to unit norm."""
+        t = self.config.train
+        opt = self.optimizer
+        opt.begin_step()
+        enc, dec = grads["W_enc"], grads["W_dec"]
+        row_grads = {"W_enc": (enc.rows, enc.grad), "b_enc": (enc.rows, enc.bias_grad), "W_dec": (dec.rows, dec.grad)}
+        dense = {name: grads[name] for name in ("b_dec", "W_skip") if name in grads}
+        for name, (rows, g) in row_grads.items():
+            g = g * factor if factor is not None else g
+            if t.optimizer == "row_sparse_adam":
+                opt.step_rows(name, rows, g, lr)
+            else:
+                if name not in self._dense_grads:  # reused: fresh large tensors cost page faults
+                    self._dense_grads[name] = torch.empty_like(self.params[name])
+                dense[name] = self._dense_grads[name].zero_().index_copy_(0, rows, g)
+        if factor is not None:
+            for name in ("b_dec", "W_skip"):
+                if name in dense:
+                    dense[name] = dense[name] * factor
+        opt.step(dense, lr)
+        W_dec = self.params["W_dec"]
+        if t.optimizer == "row_sparse_adam":
+            rows = dec.rows
+            W_dec.index_copy_(0, rows, torch.nn.functional.normalize(W_dec[rows], dim=1))
+        else:
+            W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
+
+    def track_firing(self, fired: torch.Tensor, batch: int) -> None:
+        """Firing statistics after a step of ``batch`` tokens. fired: [B', w] the latents that
+        fired (their code value > 0), EMPTY in every other slot."""
+        n = self.config.model.n_latents
+        fired = torch.where(fired >= 0, fired, n).flatten()
+        self.buffers["since_fired"].add_(batch).index_fill_(0, fired, 0)
+        self.buffers["fire_count"].index_add_(0, fired, torch.ones_like(fired))
+
+    # -- statistics and state ------------------------------------------------------------------
+
+    def latent_stats(self, tokens: int) -> dict[str, float]:
+        """Dead and dense fractions (host sync); resets the firing counts of the window."""
+        m = self.config.model
+        dead = (self.buffers["since_fired"][: m.n_latents] > m.dead_tokens).float().mean().item()
+        frequency = self.buffers["fire_count"][: m.n_latents].float() / max(tokens, 1)
+        dense = (frequency > 0.1).float().mean().item()
+        self.buffers["fire_count"].zero_()
+        self.aux_active = dead > 0
+        return {"dead_fraction": dead, "dense_fraction": dense}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint needs: parameters, buffers, Adam moments."""
+        out = {f"param.{name}": p for name, p in self.params.items()}
+        out.update({f"buffer.{name}": b for name, b in self.buffers.items()})
+        out.update(self.optimizer.state_tensors())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
+        for name, p in self.params.items():
+            p.copy_(tensors[f"param.{name}"])
+        for name, b in self.buffers.items():
+            b.copy_(tensors[f"buffer.{name}"])
+        self.optimizer.load_state_tensors(tensors, adam_count)
+        self.aux_active = aux_active
