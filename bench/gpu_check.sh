@@ -83,7 +83,7 @@ print(json.dumps({'torch': torch.__version__, 'torch_cuda': torch.version.cuda, 
 BENCH=("$PY" -m sae_engine.benchmarks)
 if [ $SMOKE -eq 1 ]; then
     DEVICE=cpu
-    part gpu_tests 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
+    part gpu_tests 120 "$PY" -m pytest tests kernels/tests -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
     part kernels 60 "${BENCH[@]}" kernels --device cpu --shape 64,16,256,4 --repeats 1 --in-process --json
     part train_step_n131072 60 "${BENCH[@]}" train-step --device cpu --d-in 16 --n-latents 128 --k 4 --batch 32 \
         --peers sparsify --steps 1 --warmup 1 --in-process --json
@@ -94,7 +94,7 @@ if [ $SMOKE -eq 1 ]; then
 else
     DEVICE=cuda
     # Compiled Triton kernels at scale, the CUDA ring buffer.
-    part gpu_tests 120 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
+    part gpu_tests 120 "$PY" -m pytest tests kernels/tests -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
     # bf16 and fp32, B=4096, d=1280, n=131072 and 1048576; PASS/FAIL lines for the GPU targets.
     part kernels 110 "${BENCH[@]}" kernels --device cuda --shape target --repeats 5 --json
     part train_step_n131072 60 "${BENCH[@]}" train-step --device cuda --d-in 1280 --n-latents 131072 --k 32 \

@@ -15,16 +15,16 @@ API (``topk_encode_backward``, ``sparse_decode_backward``) alike, on every imple
 * decoder: ``dvalues = gather_dot(g_out, indices, W_dec)``; ``dW_dec`` = sparse-transpose
   product of ``values`` with ``g_out``.
 
-Implementations (``impl``): ``"triton"`` runs the Triton kernels (compiled on CUDA tensors,
-under Triton's interpreter on CPU tensors); ``"chunked"`` the chunked PyTorch path;
-``"reference"`` the plain PyTorch oracle, which builds ``[B, n]``; ``"auto"`` picks Triton on
-CUDA (the chunked path where k exceeds what the Triton encoder holds) and the chunked path
-elsewhere.
+Implementations (``impl``), one row each of the table ``PRIMITIVES``: ``"triton"`` runs the
+Triton kernels (compiled on CUDA tensors, under Triton's interpreter on CPU tensors);
+``"chunked"`` the chunked PyTorch path; ``"reference"`` the plain PyTorch oracle, which builds
+``[B, n]``; ``"auto"`` picks Triton on CUDA (the chunked path where k exceeds what the Triton
+encoder holds) and the chunked path elsewhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -32,7 +32,65 @@ from . import chunked, reference
 from .validate import MAX_TRITON_K, check_code, check_encode_inputs
 
 Impl = Literal["auto", "triton", "chunked", "reference"]
-IMPLS = ("auto", "triton", "chunked", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# The four primitives, one implementation each per impl: a table keyed by the impl's name.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """One implementation of the four primitives the custom ops run.
+
+    encode(x [B, d], W_enc [n, d], b_enc [n], k, latent_mask [n] | None) -> (values, indices) [B, k];
+    decode(values [B, k], indices [B, k], W [n, d]) -> [B, d];
+    gather_dot(g [B, d], indices [B, k], W [n, d]) -> [B, k] fp32;
+    segment_rows(coeff [B, k], indices [B, k], src [B, d]) -> (rows [U], grads [U, d], sums [U]).
+    """
+
+    encode: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    decode: Callable[..., torch.Tensor]
+    gather_dot: Callable[..., torch.Tensor]
+    segment_rows: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _triton_launcher(name: str) -> Callable[..., Any]:
+    """``triton_kernels.<name>``, imported on its first call (importing triton costs about a second)."""
+
+    def launch(*args: Any) -> Any:
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)(*args)
+
+    return launch
+
+
+_triton_encode_topk = _triton_launcher("encode_topk")
+
+
+def _triton_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, latent_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused Triton encoder with the public semantics: mask through the bias, ReLU, empty slots."""
+    bias = b_enc.float()
+    if latent_mask is not None:
+        bias = bias.masked_fill(~latent_mask, float("-inf"))
+    pre, idx = _triton_encode_topk(x, W_enc, bias, k)
+    empty = torch.isneginf(pre)
+    values = pre.clamp_min(0).masked_fill(empty, 0).to(x.dtype)
+    return values, idx.masked_fill(empty, reference.EMPTY)
+
+
+# impl name -> its primitives; "auto" is resolved to one of these before any op runs.
+PRIMITIVES: dict[str, Primitives] = {
+    "triton": Primitives(_triton_encode, _triton_launcher("decode"), _triton_launcher("gather_dot"),
+                         _triton_launcher("segment_rows")),
+    "chunked": Primitives(chunked.topk_encode, chunked.sparse_decode, chunked.gather_dot, chunked.segment_rows),
+    "reference": Primitives(reference.topk_encode_ref, reference.sparse_decode_ref, reference.gather_dot_ref,
+                            reference.segment_rows_ref),
+}
+IMPLS = ("auto", *PRIMITIVES)
 
 
 def _resolve(impl: str, device: torch.device, k: int | None = None) -> str:
@@ -50,54 +108,23 @@ def _resolve(impl: str, device: torch.device, k: int | None = None) -> str:
     return impl
 
 
-def _triton():
-    """The Triton launchers, imported on first use (importing triton costs about a second)."""
-    from . import triton_kernels
-
-    return triton_kernels
-
-
-# ---------------------------------------------------------------------------------------------
-# The four primitives, one implementation each per impl.
-# ---------------------------------------------------------------------------------------------
+# The ops' implementations: the primitive of the impl named by their last argument.
 
 
 def _encode(x, W_enc, b_enc, k, latent_mask, impl):
-    if impl == "reference":
-        return reference.topk_encode_ref(x, W_enc, b_enc, k, latent_mask)
-    if impl == "chunked":
-        return chunked.topk_encode(x, W_enc, b_enc, k, latent_mask)
-    bias = b_enc.float()
-    if latent_mask is not None:
-        bias = bias.masked_fill(~latent_mask, float("-inf"))
-    pre, idx = _triton().encode_topk(x, W_enc, bias, k)
-    empty = torch.isneginf(pre)
-    values = pre.clamp_min(0).masked_fill(empty, 0).to(x.dtype)
-    return values, idx.masked_fill(empty, reference.EMPTY)
+    return PRIMITIVES[impl].encode(x, W_enc, b_enc, k, latent_mask)
 
 
 def _decode(values, indices, W, impl):
-    if impl == "reference":
-        return reference.sparse_decode_ref(values, indices, W)
-    if impl == "chunked":
-        return chunked.sparse_decode(values, indices, W)
-    return _triton().decode(values, indices, W)
+    return PRIMITIVES[impl].decode(values, indices, W)
 
 
 def _gather_dot(g, indices, W, impl):
-    if impl == "reference":
-        return reference.gather_dot_ref(g, indices, W)
-    if impl == "chunked":
-        return chunked.gather_dot(g, indices, W)
-    return _triton().gather_dot(g, indices, W)
+    return PRIMITIVES[impl].gather_dot(g, indices, W)
 
 
 def _segment_rows(coeff, indices, src, impl):
-    if impl == "reference":
-        return reference.segment_rows_ref(coeff, indices, src)
-    if impl == "chunked":
-        return chunked.segment_rows(coeff, indices, src)
-    return _triton().segment_rows(coeff, indices, src)
+    return PRIMITIVES[impl].segment_rows(coeff, indices, src)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ interpreter cannot: kernels that do not build, that spill registers to local
 memory, or whose GEMM lost the tensor-core path. Run with ``pytest -s`` to see
 the resource table.
 
-Compilation runs in a subprocess (``python -m sae_kernels.triton_kernels --json``),
+Compilation runs in a subprocess (``python -m sae_kernels.aot --json``),
 which keeps the compiler's memory out of the test process.
 """
 
@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-import triton
 
-from sae_kernels import triton_kernels
+from sae_kernels import aot
 
 ARCHS = ("sm_90a", "sm_80")
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+CUOBJDUMP = aot.nvidia_tool("cuobjdump")
 
 pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton wheel without the NVIDIA backend tools")
 
@@ -33,20 +31,20 @@ pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton wheel wit
 @pytest.fixture(scope="module")
 def resource_rows() -> list[dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "sae_kernels.triton_kernels", "--json"],
+        [sys.executable, "-m", "sae_kernels.aot", "--json"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    print("\n" + triton_kernels.format_resource_table(rows))
+    print("\n" + aot.format_resource_table(rows))
     return rows
 
 
 def test_every_kernel_compiles_for_each_arch(resource_rows: list[dict[str, Any]]) -> None:
     built = {(r["kernel"], r["dtype"], r["arch"]) for r in resource_rows}
-    wanted = {(spec.label, dtype, arch) for dtype, spec in triton_kernels.AOT_SPECS for arch in ARCHS}
+    wanted = {(spec.label, dtype, arch) for dtype, spec in aot.AOT_SPECS for arch in ARCHS}
     assert built == wanted
-    assert {spec.kernel.__name__ for _, spec in triton_kernels.AOT_SPECS} == {
+    assert {spec.kernel.__name__ for _, spec in aot.AOT_SPECS} == {
         "_encode_topk_kernel", "_decode_kernel", "_gather_dot_kernel", "_segment_rows_kernel"}
 
 
