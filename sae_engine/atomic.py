@@ -21,6 +21,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file under a folder, to disk."""
+    for file in (p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        _fsync_file(file)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
     try:
@@ -47,8 +53,7 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
-            for file in (p for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else [tmp]:
-                _fsync_file(file)
+            fsync_tree(tmp)
         if tmp.is_dir() and path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)

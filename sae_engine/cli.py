@@ -52,6 +52,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train (or resume) an SAE or transcoder from a TOML config."""
+    from .checkpoints.folder import CheckpointWriteError
+    from .checkpoints.lock import RunLockedError
     from .config import ConfigError, load_config
     from .training.trainer import TrainingError, train
 
@@ -59,9 +61,9 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         _host_devices_for(config)
         result = train(config)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, TrainingError, CheckpointWriteError, RunLockedError, FileNotFoundError, ValueError) as error:
         print(f"sae-engine train: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (ConfigError, FileNotFoundError)) else 1
+        return 2 if isinstance(error, (ConfigError, FileNotFoundError, RunLockedError)) else 1
     state = "interrupted; resume with the same command" if result.interrupted else "done"
     summary = ", ".join(f"{key}={value:.4g}" for key, value in result.final.items() if key in ("fvu", "eval_fvu", "l0", "dead_fraction"))
     print(f"{state}: step {result.step}, {result.tokens} tokens, {summary}; run folder {result.run_dir}")
@@ -105,11 +107,24 @@ def missing_extra(error: ModuleNotFoundError) -> str | None:
     return EXTRAS.get((error.name or "").split(".")[0])
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is logged (``main`` may be called again
+    after the stream it first saw was replaced or closed, as in-process callers do)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """Show the engine's own log messages (not other libraries') on stderr, one plain line each."""
     logger = logging.getLogger("sae_engine")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -1,19 +1,27 @@
-"""Every backend keeps the contract of ``sae_engine.training.backend.SAEBackend``; torch and JAX agree.
+"""Every backend keeps the contract of ``sae_engine.training.backend`` (``SAEBackend``,
+``SAEAnalysis``; JAX also ``ArrayBackend``), which lists what the trainer and the placements
+use; torch and JAX agree.
 
 The contract tests run once per backend; the parity tests start both backends from one state,
 feed them the same batches and compare losses and every state tensor (fp32 compute).
 """
 from __future__ import annotations
 
+import ast
 import math
 import re
+from pathlib import Path
+from typing import Protocol
 
 import pytest
 import torch
 
-from sae_engine.training.backend import EVAL_METRICS, LATENT_STATS, METRICS, SAEBackend, code_width, state_shapes
+from sae_engine.training.backend import (EVAL_METRICS, LATENT_STATS, METRICS, ArrayBackend, SAEAnalysis, SAEBackend,
+                                         code_width, state_shapes)
 from sae_engine.config import ConfigError, load_config
 from sae_engine.training.torch_backend import TorchSAE
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sae_engine"
 
 D_IN, D_OUT, N, B = 16, 12, 96, 64
 BASE = [f"model.d_in={D_IN}", f"model.n_latents={N}", "model.k=4", "model.dead_tokens=32", "train.precision='fp32'"]
@@ -62,7 +70,8 @@ def _fvu(prediction: torch.Tensor, target: torch.Tensor) -> float:
 def test_every_method_keeps_the_contract(backend, variant):
     sae = _make(backend, VARIANTS[variant])
     m = sae.config.model
-    assert isinstance(sae, SAEBackend)
+    assert isinstance(sae, SAEBackend) and isinstance(sae, SAEAnalysis)
+    assert isinstance(sae, ArrayBackend) == (backend == "jax")
     assert sae.precision == "fp32"
     g = torch.Generator().manual_seed(0)
     sae.initialize(*_batch(g, m.is_transcoder, 256))
@@ -161,7 +170,7 @@ def test_fifty_steps_agree_torch_and_jax(variant):
         for key in METRICS:
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (step, key)
         if step % 10 == 9:
-            assert ours.latent_stats(10 * B) == pytest.approx(theirs.latent_stats(10 * B))
+            assert ours.latent_stats(10 * B) == theirs.latent_stats(10 * B)  # one computation, equal counts
     assert ours.aux_active  # AuxK was exercised
     ours_state, theirs_state = ours.state_tensors(), theirs.state_tensors()
     assert ours_state.keys() == theirs_state.keys()
@@ -172,6 +181,37 @@ def test_fifty_steps_agree_torch_and_jax(variant):
     (ours_values, ours_indices), (theirs_values, theirs_indices) = ours.encode(x), theirs.encode(x)
     assert torch.allclose(theirs_values, ours_values, rtol=1e-4, atol=1e-5)
     assert (theirs_indices == ours_indices).float().mean() > 0.99  # near-ties may swap places
+
+
+def test_both_backends_start_from_the_same_weights():
+    """One initialisation (``init.initial_weights``): a fresh JaxSAE's state is a fresh TorchSAE's."""
+    for extra in VARIANTS.values():
+        ours, theirs = _make("torch", extra).state_tensors(), _make("jax", extra).state_tensors()
+        assert all(torch.equal(theirs[name], tensor) for name, tensor in ours.items())
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    return {name for klass in protocol.__mro__ if issubclass(klass, Protocol) and klass is not Protocol
+            for name in {*vars(klass), *vars(klass).get("__annotations__", {})} if not name.startswith("_")}
+
+
+def _backend_uses(path: Path) -> set[str]:
+    """Attributes read of ``backend`` / ``self.backend`` in a module."""
+    def is_backend(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "backend") or (
+            isinstance(node, ast.Attribute) and node.attr == "backend")
+
+    return {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and is_backend(node.value)}
+
+
+def test_the_contract_lists_what_the_trainer_and_the_placements_use():
+    """``SAEBackend`` (and a JAX mesh's ``ArrayBackend``) is exactly what the trainer, the
+    placements and the checkpoints read of a backend: nothing more, nothing less."""
+    used = set().union(*(_backend_uses(path) for folder in ("training", "parallel", "checkpoints")
+                         for path in (PACKAGE / folder).glob("*.py")))
+    assert used == _protocol_members(SAEBackend) | _protocol_members(ArrayBackend)
+    assert _protocol_members(SAEBackend) >= {"train_step", "latent_stats", "state_tensors", "aux_active"}
 
 
 @pytest.mark.parametrize(

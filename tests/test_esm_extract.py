@@ -23,7 +23,8 @@ from sae_engine.esm.batching import Tokenizer, plan_batches  # noqa: E402
 from sae_engine.esm.extract import ExtractConfig, embed, ensure_store, extract_to_store  # noqa: E402
 from sae_engine.esm.fasta import Record, write_fasta  # noqa: E402
 from sae_engine.esm.forward import FastESM2  # noqa: E402
-from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
+from sae_engine.esm.models import load_model, random_esm2  # noqa: E402
+from esm_fixtures import save_hf_esm2  # noqa: E402
 from sae_engine.esm.store import ActivationStore, StoreError, StoreSource  # noqa: E402
 from sae_engine.data.sources import PairedSource  # noqa: E402
 

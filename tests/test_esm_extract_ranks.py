@@ -19,7 +19,8 @@ pytest.importorskip("esm")
 
 from sae_engine.esm.extract import ExtractConfig, extract_to_store  # noqa: E402
 from sae_engine.esm.fasta import Record, write_fasta  # noqa: E402
-from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
+from sae_engine.esm.models import load_model, random_esm2  # noqa: E402
+from esm_fixtures import save_hf_esm2  # noqa: E402
 from sae_engine.esm.store import ActivationStore, StoreError, StoreSource, merge_rank_manifests  # noqa: E402
 from sae_engine.parallel.launch import free_port, run_local  # noqa: E402
 

@@ -18,9 +18,9 @@ from sae_engine.esm.models import (  # noqa: E402
     load_esm2,
     load_model,
     random_esm2,
-    save_hf_esm2,
     to_hf_state_dict,
 )
+from esm_fixtures import save_hf_esm2
 
 
 def _tokens(alphabet, seed: int = 0) -> torch.Tensor:

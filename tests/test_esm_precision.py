@@ -18,7 +18,8 @@ from sae_engine.esm.extract import ExtractConfig, embed, extract_to_store  # noq
 from sae_engine.esm.fasta import Record, write_fasta  # noqa: E402
 from sae_engine.esm.forward import FastESM2, vectors  # noqa: E402
 from sae_engine.esm.live import LiveSource  # noqa: E402
-from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2  # noqa: E402
+from sae_engine.esm.models import load_model, random_esm2  # noqa: E402
+from esm_fixtures import save_hf_esm2  # noqa: E402
 from sae_engine.esm.store import ActivationStore, StoreError  # noqa: E402
 from sae_engine.training.precision import resolve_precision  # noqa: E402
 

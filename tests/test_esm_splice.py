@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_engine.config import load_config
-from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2
+from sae_engine.esm.models import load_model, random_esm2
+from esm_fixtures import save_hf_esm2
 from sae_engine.esm.splice import loss_recovered, mask_residues, masked_lm_loss
 from sae_engine.training.torch_backend import TorchSAE
 

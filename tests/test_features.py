@@ -7,7 +7,8 @@ import torch
 
 from sae_engine.config import load_config
 from sae_engine.esm.extract import ActivationStore
-from sae_engine.esm.models import random_esm2, save_hf_esm2
+from sae_engine.esm.models import random_esm2
+from esm_fixtures import save_hf_esm2
 from sae_engine.evaluation.features import ProteinActivations, load_sae_code, neuron_code, protein_activations, write_study_tsv
 from sae_engine.training.trainer import train
 

@@ -149,9 +149,9 @@ def _overrides(out_dir, steps: int) -> list[str]:
 
 
 def test_data_ranks_read_disjoint_shares_and_resume_exactly_after_kill(tmp_path):
-    from sae_engine.checkpoints.single import latest_checkpoint
+    from sae_engine.checkpoints import latest_checkpoint
     from sae_engine.config import load_config
-    from sae_engine.parallel.apply import BUFFER_KEYS
+    from sae_engine.checkpoints.keys import RING_KEYS as BUFFER_KEYS
     from sae_engine.checkpoints.dcp import load_rows
     from sae_engine.parallel.launch import run_local
     from sae_engine.training.torch_backend import TorchSAE

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sae_kernels
-from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint
+from sae_engine.checkpoints import latest_checkpoint, load_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import load_config
 from sae_engine.interop import FORMATS, InteropError, PortableSAE, kernel_weights, load_model
@@ -128,7 +128,7 @@ def test_existing_output_and_layernorm_runs_are_refused(run, tmp_path, capsys):
 
 def test_export_folds_the_dataset_scale(run, tmp_path):
     """The folded model on raw x gives our latents and our reconstruction in raw units."""
-    from sae_engine.checkpoints.runs import load_trained_sae
+    from sae_engine.training.trained import load_trained_sae
 
     assert cli_main(["export", str(run), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 0
     folded = load_model(tmp_path / "sp", "sparsify")

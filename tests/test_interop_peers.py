@@ -36,7 +36,7 @@ nnsight.DEFAULT_PATCHER.__exit__(None, None, None)
 
 from sae_engine.cli import main as cli_main  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
-from sae_engine.checkpoints.runs import load_trained_sae  # noqa: E402
+from sae_engine.training.trained import load_trained_sae  # noqa: E402
 from sae_engine.interop import InteropError, load_model  # noqa: E402
 from sae_engine.training.trainer import train  # noqa: E402
 
@@ -60,10 +60,7 @@ def _ours(run: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sae = load_trained_sae(run)
     m = sae.config.model
     values, indices = sae.encode(x)
-    if not m.is_transcoder:
-        return _dense(values, indices, m.n_latents), sae.reconstruct(x)
-    xn = sae.normalize_input(x)
-    out = sae._decode(values, indices, sae.params["W_dec"], xn) / sae.buffers["out_scale"]
+    out = sae.decode(values, indices, x) if m.is_transcoder else sae.reconstruct(x)
     return _dense(values, indices, m.n_latents), out
 
 
@@ -261,7 +258,8 @@ def test_import_from_dictionary_learning(cls, tmp_path):
 def store(tmp_path_factory):
     """A residue store of 48 fixture proteins (random sequences) from a small random ESM2 (d=32)."""
     from sae_engine.esm.extract import ExtractConfig, extract_to_store
-    from sae_engine.esm.models import load_model, random_esm2, save_hf_esm2
+    from sae_engine.esm.models import load_model, random_esm2
+    from esm_fixtures import save_hf_esm2
 
     tmp = tmp_path_factory.mktemp("store")
     model_dir = save_hf_esm2(random_esm2(num_layers=2, embed_dim=32, attention_heads=4), tmp / "esm2")

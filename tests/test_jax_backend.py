@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("jax")
 
-from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint  # noqa: E402
+from sae_engine.checkpoints import latest_checkpoint, load_checkpoint  # noqa: E402
 from sae_engine.config import load_config  # noqa: E402
 from sae_engine.training.trainer import train  # noqa: E402
 

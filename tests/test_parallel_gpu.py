@@ -19,7 +19,7 @@ def _one_gpu_rank(out_dir: str) -> dict[str, float]:
     from sae_engine.checkpoints.dcp import load_rows, save_sharded
     from sae_engine.parallel.comm import Comm
     from sae_engine.parallel.mesh import ParallelMesh
-    from sae_engine.parallel.torch_sharded import ShardedTorchSAE
+    from sae_engine.parallel.torch_sharded import sharded_torch_backend
     from sae_engine.training.torch_backend import TorchSAE
 
     device = torch.device("cuda", 0)
@@ -31,7 +31,7 @@ def _one_gpu_rank(out_dir: str) -> dict[str, float]:
     config = RunConfig.from_dict({"model": {"d_in": 256, "n_latents": 8192, "k": 16},
                                   "train": {"batch_size": BATCH, "precision": "fp32", "device": "cuda",
                                             "warmup_steps": 0}})
-    sharded, plain = ShardedTorchSAE(config, mesh), TorchSAE(config, device)
+    sharded, plain = sharded_torch_backend(config, mesh, "fp32"), TorchSAE(config, device)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = torch.randn(STEPS, BATCH, 256, device=device, generator=g)
     for sae in (sharded, plain):

@@ -119,16 +119,16 @@ def _state(run_dir: Path):
     """A run's latest state tensors, whole, as one process reads them (any checkpoint layout)."""
     import torch
 
-    from sae_engine.checkpoints.single import latest_checkpoint, load_checkpoint
+    from sae_engine.checkpoints import latest_checkpoint, layout_of, load_checkpoint
+    from sae_engine.checkpoints.dcp import load_rows
+    from sae_engine.checkpoints.orbax import read_ring, read_tensors
     from sae_engine.config import load_config
-    from sae_engine.checkpoints.dcp import is_sharded, load_rows
-    from sae_engine.checkpoints.orbax import is_orbax, read_ring, read_tensors
     from sae_engine.training.torch_backend import TorchSAE
 
     path = latest_checkpoint(run_dir)
-    if is_orbax(path):
+    if layout_of(path) == "orbax":
         state = {**read_tensors(path), **read_ring(path)}
-    elif is_sharded(path):
+    elif layout_of(path) == "dcp":
         like = TorchSAE(load_config(None, BASE), torch.device("cpu")).state_tensors()
         state = load_rows(path, like, 45, None, ("buffer.unserved", "buffer.unserved_positions", "buffer.rng"))
     else:
@@ -159,6 +159,7 @@ def _case_backend() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_parallel_train import LR, _batches, _configs
 
+    from sae_engine.training.backend import ArrayBackend
     from sae_engine.training.jax_backend import JaxSAE
     from sae_engine.parallel.jax_mesh import build_jax_mesh, sharded_jax_backend
 
@@ -181,6 +182,7 @@ def _case_backend() -> None:
         want = train(JaxSAE(config, "fp32"), config)
         for data, latent in meshes.get(name, ((1, 2), (2, 1), (2, 2), (1, 4))):
             sae = sharded_jax_backend(config, build_jax_mesh(data, latent), "fp32")
+            assert isinstance(sae, ArrayBackend)
             got = train(sae, config)
             # Per-latent state stays split: each device holds ceil(n / L) rows.
             shards = sae.state["W_enc"][...].addressable_shards
@@ -217,7 +219,7 @@ def _case_resume(tmp: Path) -> None:
     from safetensors.torch import load_file
 
     from sae_engine.cli import main as cli_main
-    from sae_engine.checkpoints.runs import load_trained_sae
+    from sae_engine.training.trained import load_trained_sae
 
     run, single = tmp / "run", tmp / "single"
     assert _train(_overrides(run, 6, latent=2)) == 6

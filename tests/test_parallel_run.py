@@ -19,14 +19,14 @@ from kill import die_before_step
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sae_engine.checkpoints.single import latest_checkpoint
+from sae_engine.checkpoints import latest_checkpoint
 from sae_engine.cli import main as cli_main
 from sae_engine.config import ConfigError, load_config
 from sae_engine.checkpoints.dcp import load_rows
 from sae_engine.parallel.launch import run_local
 from sae_engine.training.torch_backend import TorchSAE
 from sae_engine.data.registry import build_source
-from sae_engine.checkpoints.runs import load_trained_sae
+from sae_engine.training.trained import load_trained_sae
 from sae_engine.training.trainer import Trainer
 
 BATCH = 32

@@ -1,11 +1,13 @@
-"""The PyTorch backend's hand-written sparse backward against autograd on a dense reference."""
+"""The PyTorch backend's hand-written sparse backward against autograd on a dense reference;
+its initial weights, whole or a latent shard's rows; Adam."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from sae_engine.config import RunConfig
-from sae_engine.training.init import geometric_median
+from sae_engine.training import init
+from sae_engine.training.init import geometric_median, initial_weights
 from sae_engine.training.optim import Adam
 from sae_engine.training.torch_backend import TorchSAE
 
@@ -118,6 +120,37 @@ def test_batchtopk_keeps_b_times_k_and_learns_a_threshold():
     assert values_inf.shape[1] == 12
     assert ((values_inf == 0) | (values_inf >= threshold)).all()
     assert ((indices_inf >= 0) == (values_inf >= threshold)).all()
+
+
+def _drawn_at_once(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The initial weights drawn whole: W_dec = randn(n, d_out) with unit rows, then a
+    transcoder's W_enc = randn(n, d_in) / sqrt(d_in) from the same generator (an SAE's: W_dec)."""
+    m = config.model
+    generator = torch.Generator().manual_seed(config.train.seed)
+    W_dec = torch.randn(m.n_latents, m.target_dim, generator=generator)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = torch.randn(m.n_latents, m.d_in, generator=generator) / m.d_in**0.5 if m.is_transcoder else W_dec.clone()
+    return {"W_enc": W_enc, "W_dec": W_dec}
+
+
+@pytest.mark.parametrize("block_elements", [16, 64, init.BLOCK_ELEMENTS],
+                         ids=["tiny-blocks", "small-blocks", "default"])
+@pytest.mark.parametrize("model", [{"n_latents": 100, "d_in": 3}, {"n_latents": 37, "d_in": 5, "d_out": 7},
+                                   {"n_latents": 33, "d_in": 1}], ids=["sae", "transcoder", "one-wide"])
+def test_a_latent_range_draws_exactly_its_rows_of_the_whole_draw(monkeypatch, block_elements, model):
+    """Drawn in blocks (the last one merged when shorter than 16 numbers), rows [lo, hi) equal
+    those of the matrix drawn at once, and a whole TorchSAE starts from exactly that matrix."""
+    monkeypatch.setattr(init, "BLOCK_ELEMENTS", block_elements)
+    config = _config(**model)
+    n = config.model.n_latents
+    want = _drawn_at_once(config)
+    for lo, hi in [(0, n), (0, 1), (5, 21), (16, 32), (n - 3, n), (n // 2, n // 2)]:
+        got = initial_weights(config.model, config.train.seed, lo, hi)
+        for name in want:
+            assert torch.equal(got[name], want[name][lo:hi]), (name, lo, hi)
+    sae = TorchSAE(config, torch.device("cpu"))
+    assert all(torch.equal(sae.params[name], want[name]) for name in want)
+    assert sae.n_rows == n
 
 
 def test_row_sparse_adam_moves_touched_rows_like_dense_adam_and_freezes_the_rest():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sae_engine.training import precision as precision_module
-from sae_engine.checkpoints.single import latest_checkpoint
+from sae_engine.checkpoints import latest_checkpoint
 from sae_engine.config import load_config
 from sae_engine.training.precision import resolve_precision
 from sae_engine.data.registry import build_source

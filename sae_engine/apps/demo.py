@@ -64,7 +64,7 @@ def _families(out_dir: Path, store: Path, ids: list[str], means: np.ndarray, see
     from ..evaluation.nulls import random_directions_in_store
     from ..evaluation.features import (ProteinActivations, load_sae_code, pooled_dense, protein_activations,
                            signed_neurons, topk_code)
-    from ..checkpoints.runs import load_trained_sae
+    from ..training.trained import load_trained_sae
 
     d = means.shape[1]
     sae_code, n = load_sae_code(out_dir / "sae")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..evaluation.features import ProteinActivations
-from ..checkpoints.runs import load_trained_sae
+from ..training.trained import load_trained_sae
 
 TOP_PROTEINS = 10
 

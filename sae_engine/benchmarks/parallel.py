@@ -22,7 +22,7 @@ from sae_engine.config import RunConfig
 from sae_engine.parallel_config import ParallelConfig
 from sae_engine.parallel.launch import run_local
 from sae_engine.parallel.mesh import build_mesh
-from sae_engine.parallel.torch_sharded import ShardedTorchSAE
+from sae_engine.parallel.torch_sharded import sharded_torch_backend
 from sae_engine.training.torch_backend import TorchSAE
 
 SHAPE = {"d_in": 64, "n_latents": 16384, "k": 16}
@@ -40,7 +40,7 @@ def _measure(data: int, latent: int, steps: int) -> dict:
     torch.set_num_threads(max(1, 2 // (data * latent)))
     batch = torch.randn(BATCH, SHAPE["d_in"], generator=torch.Generator().manual_seed(0))
     mesh = build_mesh(ParallelConfig(data, latent), SHAPE["n_latents"], "cpu", timeout_s=300) if data * latent > 1 else None
-    sae = TorchSAE(config, torch.device("cpu")) if mesh is None else ShardedTorchSAE(config, mesh)
+    sae = TorchSAE(config, torch.device("cpu")) if mesh is None else sharded_torch_backend(config, mesh, "fp32")
     rows = batch if mesh is None else batch.chunk(data)[mesh.data_rank]
     sae.initialize(batch, batch)
     for _ in range(2):

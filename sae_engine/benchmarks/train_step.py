@@ -143,7 +143,7 @@ def engine_available(backend: str) -> str | None:
 def build_ours(spec: Spec, x: torch.Tensor, precision: str, optimizer: str) -> Step:
     """The engine's backend on this spec, as ``sae-engine train`` builds it."""
     from ..config import RunConfig
-    from ..training.trainer import make_backend
+    from ..training.placement import make_backend
 
     if spec.device == "cpu":
         from ..memory import tune_allocator

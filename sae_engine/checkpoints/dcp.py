@@ -1,44 +1,41 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP), resharded on load.
 
-Layout of ``<run>/checkpoints/step_000001234/`` for a sharded run:
+Layout of ``<run>/checkpoints/step_000001234/`` for a latent- or data-sharded torch run:
     dcp/        DCP's files: every rank writes its own rows, replicated tensors are written once
-    meta.json   config, step, mesh and counters, as for a single-process checkpoint
-The per-latent tensors (W_enc, b_enc, W_dec, their Adam moments, firing statistics) are saved
-as DTensors sharded on rows over the ``latent`` mesh dimension, so DCP can read any row range
-back: a run resumes on another mesh (latent 2 -> 4, 2x2 -> 1x4), in one process, or from a
-single-process checkpoint (rows read from its safetensors files). The folder is written under
-a temporary name and renamed by rank 0 once every rank's part is on disk, then ``latest`` is
-replaced: a crash leaves the previous checkpoint intact.
+    meta.json   config, step, mesh, counters and file sizes, as for a single-process checkpoint
+The per-latent tensors (``keys.has_latent_rows``: W_enc, b_enc, W_dec, their Adam moments,
+firing statistics) are saved as DTensors sharded on rows over the ``latent`` mesh dimension, so
+DCP can read any row range back: a run resumes on another mesh (latent 2 -> 4, 2x2 -> 1x4), in
+one process, or from a single-process checkpoint (rows read from its safetensors files). Every
+rank writes into the temporary folder rank 0 made; rank 0 writes meta.json and commits once all
+parts are on disk (``folder.commit``).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .single import FORMAT_VERSION
-from ..parallel.mesh import ParallelMesh
-
-ROW_PARAMS = ("W_enc", "b_enc", "W_dec")
-STATISTICS = ("buffer.since_fired", "buffer.fire_count")  # [n + 1]: slot n absorbs empty slots
+from .folder import commit, step_folder, writing
+from .keys import STATISTICS, has_latent_rows
+from .meta import DCP, CheckpointError, layout_of, write_meta
 
 
-def is_row_key(key: str) -> bool:
-    """Whether a state tensor has one row per latent (sharded over ``latent``)."""
-    return key in STATISTICS or any(key == f"{kind}.{name}" for kind in ("param", "adam.m", "adam.v") for name in ROW_PARAMS)
+class RankPlace(Protocol):
+    """What a sharded save or load needs of this process's place in the mesh."""
 
+    device_mesh: DeviceMesh | None
+    is_main: bool
 
-def is_sharded(path: Path) -> bool:
-    return (Path(path) / "dcp").is_dir()
+    def latent_range(self, n: int) -> tuple[int, int]: ...
 
 
 def _as_rows(key: str, t: torch.Tensor, n_local: int) -> torch.Tensor:
@@ -46,84 +43,69 @@ def _as_rows(key: str, t: torch.Tensor, n_local: int) -> torch.Tensor:
     return t[:n_local] if key in STATISTICS else t
 
 
-def _dtensor(local: torch.Tensor, mesh: ParallelMesh, n: int) -> DTensor:
+def _dtensor(local: torch.Tensor, place: RankPlace, n: int) -> DTensor:
     shape = (n,) + tuple(local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local.contiguous(), mesh.device_mesh, [Replicate(), Shard(0)], shape=torch.Size(shape), stride=stride)
+    return DTensor.from_local(local.contiguous(), place.device_mesh, [Replicate(), Shard(0)],
+                              shape=torch.Size(shape), stride=stride)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_sharded(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], mesh: ParallelMesh,
+def save_sharded(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], place: RankPlace,
                  n: int, keep: int = 2) -> Path:
-    """Every rank calls this with its own tensors (row tensors: its rows); see the module docstring."""
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:09d}", root / f".tmp_step_{step:09d}"
-    if mesh.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    """Every rank calls this with its own tensors (row tensors: its rows); see the module docstring.
+    A failed write raises CheckpointWriteError on every rank, the previous checkpoint kept."""
+    with writing(run_dir, step, create=place.is_main) as tmp:
+        dist.barrier()
+        lo, hi = place.latent_range(n)
+        state = {key: _dtensor(_as_rows(key, t, hi - lo), place, n) if has_latent_rows(key) else t.contiguous()
+                 for key, t in tensors.items()}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP)))  # raises on every rank if one fails
+        if place.is_main:
+            write_meta(tmp, meta)
+    if place.is_main:
+        commit(run_dir, step, keep)
     dist.barrier()
-    lo, hi = mesh.latent_range(n)
-    state = {key: _dtensor(_as_rows(key, t, hi - lo), mesh, n) if is_row_key(key) else t.contiguous()
-             for key, t in tensors.items()}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp")))
-    if mesh.is_main:
-        meta = {"format_version": FORMAT_VERSION, "mesh": {"data": mesh.data, "latent": mesh.latent}, **meta}
-        with open(tmp / "meta.json", "w") as handle:
-            handle.write(json.dumps(meta, indent=2, sort_keys=True))
-            handle.flush()
-            os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    return step_folder(run_dir, step)
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
-
-
-def load_rows(path: Path, like: dict[str, torch.Tensor], n: int, mesh: ParallelMesh | None,
+def load_rows(path: Path, like: dict[str, torch.Tensor], n: int, place: RankPlace | None,
               extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """This process's tensors from a checkpoint of any mesh (or a single-process one).
+    """This process's tensors from a checkpoint of any torch layout (DCP or single-process).
 
     like: this process's state tensors (row tensors: its rows, statistics with their extra
     slot), whose shapes and dtypes the result takes; extra: keys of other tensors to read
-    whole where present (the ring buffer's). mesh None: one process, rows [0, n).
+    whole where present (the ring buffer's). place None: one process, rows [0, n).
     """
-    lo, hi = (0, n) if mesh is None else mesh.latent_range(n)
+    lo, hi = (0, n) if place is None else place.latent_range(n)
     path = Path(path)
-    if not is_sharded(path):
-        return _load_single(path, like, lo, hi, extra)
-    reader = dcp.FileSystemReader(str(path / "dcp"))
+    try:
+        if layout_of(path) != DCP:
+            return _load_single(path, like, lo, hi, extra)
+        return _load_dcp(path, like, n, place, lo, hi, extra)
+    except CheckpointException as error:  # a BaseException, which `except Exception` would miss
+        raise CheckpointError(f"cannot read checkpoint {path}: {' '.join(str(error).split())}") from None
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def _load_dcp(path: Path, like: dict[str, torch.Tensor], n: int, place: RankPlace | None, lo: int, hi: int,
+              extra: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    reader = dcp.FileSystemReader(str(path / DCP))
     stored = reader.read_metadata().state_dict_metadata
     state: dict[str, Any] = {}
     for key, t in like.items():
         if key not in stored:
-            raise ValueError(f"checkpoint {path} has no tensor {key!r}")
-        if is_row_key(key):
+            raise CheckpointError(f"checkpoint {path} has no tensor {key!r}")
+        if has_latent_rows(key):
             rows = torch.empty_like(_as_rows(key, t, hi - lo))
-            state[key] = rows if mesh is None else _dtensor(rows, mesh, n)
+            state[key] = rows if place is None else _dtensor(rows, place, n)
         else:
             state[key] = torch.empty_like(t)
     for key in (key for key in extra if key in stored):  # extra tensors a checkpoint may lack
         state[key] = torch.empty(tuple(stored[key].size), dtype=stored[key].properties.dtype)
     with warnings.catch_warnings():  # one process reading on purpose
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=mesh is None)
+        dcp.load(state, storage_reader=reader, no_dist=place is None)
     out = {}
     for key, value in state.items():
         local = value.to_local() if isinstance(value, DTensor) else value
@@ -142,12 +124,12 @@ def _load_single(path: Path, like: dict[str, torch.Tensor], lo: int, hi: int, ex
                 if key in extra:
                     out[key] = handle.get_tensor(key)
                 elif key in like:
-                    if is_row_key(key):
+                    if has_latent_rows(key):
                         rows = handle.get_slice(key)[lo:hi]
                         out[key] = torch.cat([rows, like[key][hi - lo :]]) if key in STATISTICS else rows
                     else:
                         out[key] = handle.get_tensor(key)
     missing = set(like) - set(out)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}")
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
     return out

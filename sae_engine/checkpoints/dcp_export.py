@@ -9,55 +9,50 @@ never the whole SAE.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from .single import MODEL_KEYS_PREFIXES, latest_checkpoint
+from .keys import is_model_key
+from .meta import DCP
 from .stream_safetensors import write_streamed
-from .dcp import is_sharded, read_meta
+
 
 def _model_entries(folder: Path):
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
     tensors = {key: meta for key, meta in sorted(metadata.state_dict_metadata.items())
-               if key.startswith(MODEL_KEYS_PREFIXES) and isinstance(meta, TensorStorageMetadata)}
+               if is_model_key(key) and isinstance(meta, TensorStorageMetadata)}
     return metadata, tensors
 
 
-def read_sharded(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_sharded(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A sharded checkpoint's model tensors, whole, in this one process (for formats that need
-    them whole), and its meta."""
-    folder = Path(checkpoint) / "dcp"
-    _, entries = _model_entries(folder)
-    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in entries.items()}
-    with warnings.catch_warnings():  # one process reading on purpose
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
-    return state, read_meta(checkpoint)
+    them whole)."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    from .meta import CheckpointError
 
-def export_if_sharded(run_dir: str | Path, out: str | Path) -> bool:
-    """Stream the latest checkpoint of ``run_dir`` into one file at ``out`` when it is sharded
-    (with the run's config and step in the file's metadata, as the native export writes them);
-    False, and nothing written, when it is not."""
-    path = latest_checkpoint(Path(run_dir)) if Path(run_dir).is_dir() else None
-    if path is None or not is_sharded(path):
-        return False
-    meta = read_meta(path)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    export_sharded(path, Path(out), {"config": json.dumps(meta["config"], sort_keys=True), "step": str(meta["step"])})
-    return True
+    folder = Path(checkpoint) / DCP
+    try:
+        _, entries = _model_entries(folder)
+        state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in entries.items()}
+        with warnings.catch_warnings():  # one process reading on purpose
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    except CheckpointException as error:  # a BaseException, which `except Exception` would miss
+        raise CheckpointError(" ".join(str(error).split())) from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(str(error)) from None
+    return state
 
 
 def export_sharded(checkpoint: Path, out: Path, file_metadata: dict[str, str] | None = None) -> Path:
     """Write the model tensors of sharded checkpoint folder ``checkpoint`` to ``out`` (atomically);
     ``file_metadata``: the safetensors header's string metadata."""
-    folder = Path(checkpoint) / "dcp"
+    folder = Path(checkpoint) / DCP
     metadata, tensors = _model_entries(folder)
 
     def chunks(key: str):

@@ -3,7 +3,7 @@
 The native format is the latest checkpoint's ``model.safetensors`` as one file: the same keys
 (``param.*``, ``buffer.in_scale``, ``buffer.out_scale``, ``buffer.batchtopk_threshold``), with
 the run's config as JSON in the file's metadata (key ``config``) and the step (key ``step``).
-A sharded run is streamed into that file shard by shard (:mod:`sae_engine.checkpoints.dcp_export`); the
+Sharded layouts (DCP, orbax) are streamed into that file block by block, never held whole; the
 peer formats read runs whole through :func:`sae_engine.checkpoints.runs.load_run_weights`.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
-from .single import latest_checkpoint
-from .runs import load_run_weights
+from .meta import DCP, ORBAX, layout_of, read_meta, verify
+from .runs import RunError, latest_of, load_run_weights
 
 
 class ExportError(ValueError):
@@ -30,21 +30,30 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], out: Path, metada
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def _stream(path: Path, out: Path, metadata: dict[str, str]) -> Path:
+    """A sharded checkpoint's model streamed into one file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if layout_of(path) == DCP:
+        from .dcp_export import export_sharded
+
+        return export_sharded(path, out, metadata)
+    from .orbax import export_orbax
+
+    return export_orbax(path, out, metadata)
+
+
 def export_native(run_dir: str | Path, out: str | Path) -> Path:
     """The latest checkpoint's model tensors as one safetensors file at ``out``."""
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a folder; the native export is one file (e.g. {out / 'model.safetensors'})")
-    from .dcp_export import export_if_sharded
-
-    if export_if_sharded(run_dir, out):  # a sharded run, streamed shard by shard
-        return out
-    checkpoint = latest_checkpoint(Path(run_dir)) if Path(run_dir).is_dir() else None
-    if checkpoint is not None and (checkpoint / "orbax").is_dir():  # a JAX mesh run, streamed likewise
-        from .orbax import export_orbax
-
-        meta = json.loads((checkpoint / "meta.json").read_text())
-        return export_orbax(checkpoint, out, _file_metadata(meta["config"], meta["step"]))
+    path = latest_of(run_dir)
+    if layout_of(path) in (DCP, ORBAX):
+        why = verify(path)
+        if why is not None:
+            raise RunError(f"cannot read the model of checkpoint {path}: {why}")
+        meta = read_meta(path)
+        return _stream(path, out, _file_metadata(meta["config"], meta["step"]))
     weights = load_run_weights(run_dir)
     write_safetensors_atomic(weights.tensors, out, _file_metadata(weights.config, weights.step))
     return out

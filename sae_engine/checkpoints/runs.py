@@ -1,27 +1,23 @@
-"""Reading a trained run: the model of its latest checkpoint, in either checkpoint layout.
+"""Reading a trained run: the model of its latest checkpoint, in any checkpoint layout, whole.
 
-A single-process checkpoint holds ``model.safetensors``; a sharded one holds ``dcp/`` (written
-by torch.distributed.checkpoint, each rank its rows) or ``orbax/`` (a JAX mesh run), read here
-whole in one process. The peer formats, the native export of a single-process run and analysis
-(:func:`load_trained_sae`) read runs through :func:`load_run_weights`; the native export streams
-a sharded run instead (:mod:`sae_engine.checkpoints.dcp_export`, :mod:`sae_engine.checkpoints.orbax`),
-never holding it whole.
+The peer formats, the native export of a single-process run and analysis
+(``sae_engine.training.trained.load_trained_sae``) read runs through :func:`load_run_weights`;
+the native export streams sharded layouts instead (``checkpoints.export``), never holding them
+whole. Reading is strict: a latest checkpoint that cannot be read is an error naming it (a run
+that trains on resumes from an earlier one instead: ``folder.newest_readable``).
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from .single import FORMAT_VERSION, MODEL_KEYS_PREFIXES, latest_checkpoint
-
-if TYPE_CHECKING:
-    from ..training.torch_backend import TorchSAE
+from .folder import latest_checkpoint
+from .keys import is_model_key
+from .meta import DCP, ORBAX, SINGLE, CheckpointError, layout_of, read_meta, verify
 
 
 class RunError(ValueError):
@@ -37,67 +33,53 @@ class RunWeights:
     step: int
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as error:
-        raise RunError(f"cannot read {path / 'meta.json'}: {error}") from error
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RunError(f"checkpoint {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    return meta
+def _single(path: Path) -> dict[str, torch.Tensor]:
+    from .single import read_model_file
+
+    return read_model_file(path)
 
 
-def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Checkpoint ``path``'s model file, or its sharded model tensors with every rank's rows joined."""
-    if (path / "orbax").is_dir():
-        from .orbax import model_tensors
-
-        return model_tensors(path)
-    if not (path / "dcp").is_dir():
-        return load_file(str(path / "model.safetensors"))
-    from torch.distributed.checkpoint.api import CheckpointException
-
+def _dcp(path: Path) -> dict[str, torch.Tensor]:
     from .dcp_export import read_sharded
 
-    try:
-        return read_sharded(path)[0]
-    except CheckpointException as error:  # a BaseException, which `except Exception` would miss
-        raise ValueError(str(error)) from None
+    return read_sharded(path)
 
 
-def load_run_weights(run_dir: str | Path) -> RunWeights:
-    """The model tensors of a run's latest checkpoint (single-process or sharded), whole, on the CPU."""
+def _orbax(path: Path) -> dict[str, torch.Tensor]:
+    from .orbax import model_tensors
+
+    return model_tensors(path)
+
+
+MODEL_READERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {SINGLE: _single, DCP: _dcp, ORBAX: _orbax}
+
+
+def latest_of(run_dir: str | Path) -> Path:
+    """The latest checkpoint folder of a run; RunError when there is none."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
-    path = latest_checkpoint(run_dir)
+    try:
+        path = latest_checkpoint(run_dir)
+    except CheckpointError as error:
+        raise RunError(str(error)) from None
     if path is None:
         raise RunError(f"{run_dir} holds no checkpoint (no {run_dir / 'checkpoints' / 'latest'})")
-    meta = _read_meta(path)
+    return path
+
+
+def load_run_weights(run_dir: str | Path) -> RunWeights:
+    """The model tensors of a run's latest checkpoint (any layout), whole, on the CPU."""
+    path = latest_of(run_dir)
     try:
-        tensors = _model_tensors(path)
-    except (OSError, RuntimeError, SafetensorError, ValueError) as error:
-        raise RunError(f"cannot read the model of checkpoint {path}: {error}") from error
-    model = {name: t for name, t in tensors.items() if name.startswith(MODEL_KEYS_PREFIXES)}
-    return RunWeights(model, meta["config"], int(meta["step"]))
-
-
-def load_trained_sae(run_dir: str | Path) -> TorchSAE:
-    """A run's latest checkpoint as a TorchSAE on the CPU in fp32 (analysis reads exact values).
-
-    The model only: parameters and normalisation scales come from the run; optimizer moments and
-    firing statistics are fresh (resume training through the Trainer, which reads them all).
-    """
-    from ..config import RunConfig
-    from ..training.torch_backend import TorchSAE
-
-    weights = load_run_weights(run_dir)
-    config = RunConfig.from_dict(weights.config, origin=f"{run_dir} (latest checkpoint)")
-    config.train.precision = "fp32"
-    sae = TorchSAE(config, torch.device("cpu"))
-    state = sae.state_tensors()
-    missing = sorted(name for name in state if name.startswith(MODEL_KEYS_PREFIXES) and name not in weights.tensors)
-    if missing:
-        raise RunError(f"the latest checkpoint of {run_dir} lacks {missing}")
-    sae.load_state_tensors({**state, **weights.tensors}, adam_count=0, aux_active=False)
-    return sae
+        meta = read_meta(path)
+    except CheckpointError as error:
+        raise RunError(str(error)) from None
+    why = verify(path)
+    try:
+        if why is not None:
+            raise CheckpointError(why)
+        tensors = MODEL_READERS[layout_of(path)](path)
+    except CheckpointError as error:
+        raise RunError(f"cannot read the model of checkpoint {path}: {error}") from None
+    return RunWeights({name: t for name, t in tensors.items() if is_model_key(name)}, meta["config"], int(meta["step"]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class RandomAccessSource(ActivationSource, Protocol):
         ...
 
 
-def has_random_access(source: ActivationSource) -> bool:
+def has_random_access(source: ActivationSource) -> TypeGuard[RandomAccessSource]:
     """Whether ``source`` reads rows by position (``rows``)."""
     return bool(getattr(source, "random_access", False))
 

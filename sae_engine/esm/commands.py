@@ -71,7 +71,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _splice(args: argparse.Namespace) -> int:
     import itertools
 
-    from ..checkpoints.runs import load_trained_sae
+    from ..training.trained import load_trained_sae
     from .fasta import crop, read_fasta
     from .models import load_model
     from .splice import loss_recovered

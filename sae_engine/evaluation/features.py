@@ -208,7 +208,7 @@ def topk_code(transform: Callable[[torch.Tensor], torch.Tensor], k: int) -> Code
 
 def load_sae_code(run_dir: str | Path) -> tuple[Code, int]:
     """The encoder of a trained run's latest checkpoint as a Code, and its number of features."""
-    from ..checkpoints.runs import load_trained_sae
+    from ..training.trained import load_trained_sae
 
     sae = load_trained_sae(run_dir)
     return sae.encode, sae.config.model.n_latents

@@ -17,9 +17,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..checkpoints.keys import ROW_PARAMS
 from ..config import ConfigError, RunConfig
-from ..training.jax_backend import ROW_PARAMS, JaxSAE
-from .jax_sharded import rows_spec, make_mesh, sharded_decode, sharded_topk
+from ..training.jax_backend import JaxSAE
+from .jax_sharded import batch_spec, make_mesh, sharded_decode, sharded_topk
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class MeshLayout:
             lambda path, leaf: jax.device_put(leaf, self.sharding(_is_row_path(path) and leaf.ndim > 0)), tree)
 
     def place_batch(self, x: jax.Array) -> jax.Array:
-        return jax.device_put(x, NamedSharding(self.mesh, rows_spec(x.shape[0], self.mesh)))
+        return jax.device_put(x, NamedSharding(self.mesh, batch_spec(x.shape[0], self.mesh)))
 
 
 def build_jax_mesh(data: int, latent: int) -> Mesh:
@@ -76,6 +77,7 @@ def build_jax_mesh(data: int, latent: int) -> Mesh:
     return make_mesh(data, latent, devices)
 
 
-def sharded_jax_backend(config: RunConfig, mesh: Mesh, precision: str | None = None) -> JaxSAE:
-    """The JAX backend of ``config`` laid out over ``mesh``."""
+def sharded_jax_backend(config: RunConfig, mesh: Mesh, precision: str) -> JaxSAE:
+    """The JAX backend of ``config`` laid out over ``mesh``, computing in ``precision`` ("bf16"
+    or "fp32")."""
     return JaxSAE(config, precision, MeshLayout(mesh))

@@ -31,13 +31,14 @@ def make_mesh(data: int, latent: int, devices=None) -> Mesh:
     return Mesh(devices, ("data", "latent"))
 
 
-def rows_spec(rows: int, mesh: Mesh) -> P:
-    """How a batch of ``rows`` rows enters shard_map: split over ``data`` where it divides."""
-    return P("data") if rows % mesh.shape["data"] == 0 else P()
+def batch_spec(batch: int, mesh: Mesh) -> P:
+    """How a batch of ``batch`` rows enters shard_map: split over ``data`` where it divides."""
+    return P("data") if batch % mesh.shape["data"] == 0 else P()
 
 
-def pad_rows(a: jax.Array, parts: int, fill) -> jax.Array:
-    """Rows padded to a multiple of ``parts`` (the padding is never selected)."""
+def pad_to_multiple(a: jax.Array, parts: int, fill) -> jax.Array:
+    """a [m, ...] with rows of ``fill`` appended up to the next multiple of ``parts`` rows (the
+    padding is never selected)."""
     extra = -a.shape[0] % parts
     return jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], fill, a.dtype)]) if extra else a
 
@@ -113,16 +114,17 @@ def _spread_bwd(mesh, touched, _, g):
 spread_over_data.defvjp(_spread_fwd, _spread_bwd)
 
 
-def _weights_in(W: jax.Array, mesh: Mesh, rows_per_device: int, k: int):
+def _weights_in(W: jax.Array, mesh: Mesh, batch_per_device: int, k: int):
     """W as the kernels' shard_map reads it, with its in_spec: spread over ``data`` where summing
-    touched rows pays (each device touches at most rows_per_device * k rows), else as it is."""
-    touched = rows_per_device * min(k, W.shape[0] // mesh.shape["latent"])
+    touched rows pays (each device touches at most batch_per_device * k rows), else as it is."""
+    touched = batch_per_device * min(k, W.shape[0] // mesh.shape["latent"])
     if _touched_rows_pay(mesh, W.shape[0], W.shape[1], touched):
         return spread_over_data(W, mesh, touched), P("data", "latent"), lambda block: block[0]
     return W, P("latent"), lambda block: block
 
 
-def _rows_per_device(batch: int, spec: P, mesh: Mesh) -> int:
+def _batch_per_device(batch: int, spec: P, mesh: Mesh) -> int:
+    """Batch rows a device computes when a batch of ``batch`` rows enters as ``spec``."""
     return batch // mesh.shape["data"] if spec == P("data") else batch
 
 
@@ -133,9 +135,9 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
     L = mesh.shape["latent"]
     n = W_enc.shape[0]
     mask = jnp.ones(n, bool) if latent_mask is None else latent_mask.astype(bool)
-    W, b, mask = pad_rows(W_enc, L, 0), pad_rows(b_enc, L, 0), pad_rows(mask, L, False)
-    rows = rows_spec(x.shape[0], mesh)
-    W, W_spec, block = _weights_in(W, mesh, _rows_per_device(x.shape[0], rows, mesh), k)
+    W, b, mask = pad_to_multiple(W_enc, L, 0), pad_to_multiple(b_enc, L, 0), pad_to_multiple(mask, L, False)
+    x_spec = batch_spec(x.shape[0], mesh)
+    W, W_spec, block = _weights_in(W, mesh, _batch_per_device(x.shape[0], x_spec, mesh), k)
 
     def body(x, W, b, mask):
         W = block(W)
@@ -145,16 +147,16 @@ def sharded_topk(x, W_enc, b_enc, k: int, mesh: Mesh, latent_mask=None):
         values, chosen = merge_candidates(keys, indices, k)
         return values.astype(x.dtype), chosen
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(rows, W_spec, P("latent"), P("latent")),
-                         out_specs=(rows, rows), check_vma=False)(x, W, b, mask)
+    return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, W_spec, P("latent"), P("latent")),
+                         out_specs=(x_spec, x_spec), check_vma=False)(x, W, b, mask)
 
 
 @partial(jax.jit, static_argnames=("mesh",))
 def sharded_decode(values, indices, W_dec, mesh: Mesh):
     """``sparse_decode`` of a code with global indices [B, k] over W_dec [n, d] split on ``latent``."""
-    W = pad_rows(W_dec, mesh.shape["latent"], 0)
-    rows = rows_spec(values.shape[0], mesh)
-    W, W_spec, block = _weights_in(W, mesh, _rows_per_device(values.shape[0], rows, mesh), values.shape[1])
+    W = pad_to_multiple(W_dec, mesh.shape["latent"], 0)
+    code_spec = batch_spec(values.shape[0], mesh)
+    W, W_spec, block = _weights_in(W, mesh, _batch_per_device(values.shape[0], code_spec, mesh), values.shape[1])
 
     def body(values, indices, W):
         W = block(W)
@@ -164,5 +166,5 @@ def sharded_decode(values, indices, W_dec, mesh: Mesh):
         part = kj.sparse_decode(values, jnp.where(mine, indices - lo, EMPTY), W).astype(jnp.float32)
         return lax.psum(part, "latent")
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, W_spec), out_specs=rows,
+    return jax.shard_map(body, mesh=mesh, in_specs=(code_spec, code_spec, W_spec), out_specs=code_spec,
                          check_vma=False)(values, indices, W)

@@ -1,14 +1,16 @@
 """The contract every training backend keeps (``TorchSAE``, ``JaxSAE``) and the rules they share.
 
-The trainer, the analysis code and the parallel wrappers speak to a backend only through
-``SAEBackend``. Shapes: raw input activations x [B, d_in]; targets y [B, d_out] (y is x for an
-SAE; another layer for a transcoder); a sparse code is (values [B, w] fp32, indices [B, w]
-int64, ``sae_kernels.EMPTY`` = -1 in empty slots). Tensors cross the contract as torch tensors
-on the CPU or the backend's device; metrics may be torch or JAX 0-d scalars (``float()`` reads them).
+The trainer and the placements (``sae_engine.parallel.apply``) speak to a backend only through
+``SAEBackend`` (a JAX mesh's checkpoints also through ``ArrayBackend``); analysis reads a trained
+model through ``SAEAnalysis``. Shapes: raw input activations x [B, d_in]; targets y [B, d_out]
+(y is x for an SAE; another layer for a transcoder); a sparse code is (values [B, w] fp32,
+indices [B, w] int64, ``sae_kernels.EMPTY`` = -1 in empty slots). Tensors cross the contract as
+torch tensors on the CPU or the backend's device; metrics may be torch or JAX 0-d scalars
+(``float()`` reads them).
 
 The model (both backends): z = TopK(W_enc x_c + b_enc), prediction = W_dec^T z + b_dec
 (+ W_skip xn), with xn the normalised input and x_c = xn - b_dec for SAEs, xn for transcoders.
-Code widths, in one place:
+The constants both backends use are named below (``MULTI_TOPK_WIDTH`` and the rest). Code widths:
 - TopK: the code holds the k largest pre-activations per row. With Multi-TopK (Gao et al. 2024)
   training also selects 4k per row for the auxiliary loss at 4k, but the model's code (the main
   loss, ``encode``, ``evaluate``, the firing statistics) is always the top k.
@@ -21,6 +23,7 @@ Code widths, in one place:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,13 +35,22 @@ METRICS = ("loss", "fvu", "aux_loss", "l0")  # what train_step returns
 EVAL_METRICS = ("eval_fvu", "eval_l0")  # what evaluate returns
 LATENT_STATS = ("dead_fraction", "dense_fraction")  # what latent_stats returns
 
+# The model's constants (Gao et al. 2024 for Multi-TopK and AuxK, Bussmann et al. 2024 for BatchTopK).
+MULTI_TOPK_WIDTH = 4  # Multi-TopK's auxiliary code holds this many times k latents per row ...
+MULTI_TOPK_WEIGHT = 1 / 8  # ... and its reconstruction loss enters the total with this weight
+BATCHTOPK_THRESHOLD_RATE = 0.01  # step of the inference threshold's running mean towards a batch's cutoff
+DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of a window's tokens is dense
+AUX_VARIANCE_FLOOR = 1e-12  # AuxK divides by the residual's variance, at least this
+LAYER_NORM_EPS = 1e-5  # added to the variance in the per-vector normalisation (model.normalize = "layernorm")
+ROW_NORM_FLOOR = 1e-12  # decoder rows are divided by their norm, at least this, back to unit norm
+
 
 def selection_width(m: ModelConfig) -> int:
     """Candidates per row the encoder selects in a training step: k, 4k with Multi-TopK,
     row_cap for BatchTopK (at most n_latents)."""
     if m.kind == "batchtopk":
         return m.row_cap
-    return min(4 * m.k if m.multi_topk else m.k, m.n_latents)
+    return min(MULTI_TOPK_WIDTH * m.k if m.multi_topk else m.k, m.n_latents)
 
 
 def code_width(m: ModelConfig) -> int:
@@ -79,17 +91,31 @@ def run_precision(train: TrainConfig, device_type: str, recorded: str | None = N
     return Precision(recorded, f"recorded when the run started; here: {here.reason.removeprefix('requested; ')}")
 
 
+def latent_fractions(since_fired: torch.Tensor, fire_count: torch.Tensor, m: ModelConfig, tokens: int,
+                     latent_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """``LATENT_STATS`` of the whole model from the firing statistics of some of its latent rows
+    (host sync). since_fired, fire_count: [r + 1] for r rows, slot r the absorbing one (left out);
+    tokens: those of the window ``fire_count`` counts; latent_sum: sums the two counts [2] over
+    the processes holding the other latents (None: these rows are all ``m.n_latents``)."""
+    rows = since_fired.shape[0] - 1
+    dead = (since_fired[:rows] > m.dead_tokens).sum()
+    dense = (fire_count[:rows].float() / max(tokens, 1) > DENSE_FREQUENCY).sum()
+    counts = torch.stack([dead, dense]).float()
+    if latent_sum is not None:
+        counts = latent_sum(counts)
+    return dict(zip(LATENT_STATS, (counts / m.n_latents).tolist()))
+
+
 @runtime_checkable
 class SAEBackend(Protocol):
-    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device.
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state, as the trainer and the
+    placements (``sae_engine.parallel.apply``) use it: on one device, or one process's part of
+    a model split over a mesh (its tensors then those of its latent rows).
 
-    Attributes: ``config`` (the run's), ``precision`` (the compute dtype, "bf16" or "fp32"),
-    ``aux_active`` (whether AuxK runs: set by ``latent_stats`` once a latent is dead, restored
+    ``aux_active``: whether AuxK runs (set by ``latent_stats`` once a latent is dead, restored
     from checkpoints).
     """
 
-    config: RunConfig
-    precision: str
     aux_active: bool
 
     @property
@@ -112,6 +138,47 @@ class SAEBackend(Protocol):
         FVU of the prediction in the normalised target space, mean L0."""
         ...
 
+    def latent_stats(self, tokens: int) -> dict[str, float]:
+        """``LATENT_STATS`` (host sync; ``latent_fractions``): the fraction of latents that have
+        not fired for more than ``model.dead_tokens`` tokens, and of those that fired on more than
+        ``DENSE_FREQUENCY`` of the ``tokens`` since the last call; resets the window's firing
+        counts, sets ``aux_active``."""
+        ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint needs, named and typed as ``state_shapes(config.model)``;
+        the same names, shapes and dtypes in every backend. They may be views of the live state
+        (no copy at large n): read or copy them before the next call that changes it."""
+        ...
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
+        """Restore ``state_tensors`` of any backend, with the step count and ``aux_active``."""
+        ...
+
+
+@runtime_checkable
+class ArrayBackend(SAEBackend, Protocol):
+    """A backend whose state lives in JAX arrays placed by a layout (``JaxSAE``): what a JAX
+    mesh's orbax checkpoints write and restore."""
+
+    layout: Any  # ``jax_backend.Layout``: where the arrays live
+
+    def state_arrays(self) -> dict[str, Any]:
+        """The state as JAX arrays under checkpoint names, as placed (per-latent ones with the
+        layout's rows)."""
+        ...
+
+    def load_state_arrays(self, arrays: dict[str, Any], adam_count: int, aux_active: bool) -> None:
+        """Restore from ``state_arrays``' names and shapes."""
+        ...
+
+
+@runtime_checkable
+class SAEAnalysis(Protocol):
+    """What analysis reads of a trained model: the code, the prediction, the reconstruction."""
+
+    config: RunConfig
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64,
         with w = ``code_width(config.model)``."""
@@ -126,20 +193,4 @@ class SAEBackend(Protocol):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """An SAE's reconstruction of raw x [B, d_in]: ``decode(*encode(x), x)``. -> [B, d_in] fp32.
         Transcoders: ValueError (they predict another layer; use ``decode``)."""
-        ...
-
-    def latent_stats(self, tokens: int) -> dict[str, float]:
-        """``LATENT_STATS`` (host sync): the fraction of latents that have not fired for more
-        than ``model.dead_tokens`` tokens, and of those that fired on more than 10 % of the
-        ``tokens`` since the last call; resets the window's firing counts, sets ``aux_active``."""
-        ...
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor a checkpoint needs, named and typed as ``state_shapes(config.model)``;
-        the same names, shapes and dtypes in every backend. They may be views of the live state
-        (no copy at large n): read or copy them before the next call that changes it."""
-        ...
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
-        """Restore ``state_tensors`` of any backend, with the step count and ``aux_active``."""
         ...

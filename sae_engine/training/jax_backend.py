@@ -44,14 +44,15 @@ from flax import nnx
 
 from sae_kernels import jax as kernels
 
-from .backend import code_width, selection_width
+from ..checkpoints.keys import ROW_PARAMS, STATISTICS, is_row_param
 from ..config import ModelConfig, RunConfig, TrainConfig
-from .init import geometric_median, mean_squared_norm_scale
+from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, LAYER_NORM_EPS, MULTI_TOPK_WEIGHT,
+                      ROW_NORM_FLOOR, code_width, latent_fractions, selection_width)
+from .init import geometric_median, initial_weights, mean_squared_norm_scale
 from .precision import resolve_precision
 
 EMPTY = kernels.EMPTY
-ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
-COUNTERS = ("since_fired", "fire_count")  # int32 here, int64 in checkpoints
+INT32_MAX = 2**31 - 1  # the firing statistics are int32 here (int64 in checkpoints): loading saturates them
 
 Params = dict[str, jax.Array]
 
@@ -66,7 +67,8 @@ def to_torch(a: jax.Array) -> torch.Tensor:
     return torch.from_numpy(np.array(a))
 
 
-def _layer_normalize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+def _layer_normalize(x: jax.Array, eps: float = LAYER_NORM_EPS) -> jax.Array:
+    """``init.layer_normalize`` in JAX: x [B, d] -> fp32 [B, d], zero mean and unit variance per row."""
     x = x.astype(jnp.float32)
     mean = x.mean(axis=1, keepdims=True)
     var = x.var(axis=1, keepdims=True)
@@ -74,7 +76,8 @@ def _layer_normalize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 def _normalize_rows(W: jax.Array) -> jax.Array:
-    return W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+    """W [m, d] with unit-norm rows."""
+    return W / jnp.maximum(jnp.linalg.norm(W, axis=1, keepdims=True), ROW_NORM_FLOOR)
 
 
 def _row_mask(touched: jax.Array, ndim: int) -> jax.Array:
@@ -90,8 +93,8 @@ class DataScale(nnx.Variable):
     """A normalisation scale for inputs or targets, fixed by ``JaxSAE.initialize``."""
 
 
-def pad_rows(a: jax.Array, rows: int) -> jax.Array:
-    """a [m, ...] with zero rows appended up to ``rows`` (m <= rows)."""
+def pad_to_rows(a: jax.Array, rows: int) -> jax.Array:
+    """a [m, ...] with zero rows appended up to [rows, ...] (m <= rows)."""
     return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) if rows > a.shape[0] else a
 
 
@@ -108,15 +111,11 @@ class SparseAutoencoder(nnx.Module):
         self.compute_dtype = compute_dtype
         self.kernels = kernels
         self.rows = rows or config.n_latents
-        # Initial weights come from the torch generator so both backends start identically.
-        gen = torch.Generator().manual_seed(seed)
         n, d_in, d_out = config.n_latents, config.d_in, config.target_dim
-        W_dec = torch.randn(n, d_out, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5 if config.is_transcoder else W_dec.clone()
-        self.W_enc = nnx.Param(pad_rows(jnp.asarray(W_enc.numpy()), self.rows))
+        weights = initial_weights(config, seed)  # every backend's, so all start identically
+        self.W_enc = nnx.Param(pad_to_rows(jnp.asarray(weights["W_enc"].numpy()), self.rows))
         self.b_enc = nnx.Param(jnp.zeros(self.rows, jnp.float32))
-        self.W_dec = nnx.Param(pad_rows(jnp.asarray(W_dec.numpy()), self.rows))
+        self.W_dec = nnx.Param(pad_to_rows(jnp.asarray(weights["W_dec"].numpy()), self.rows))
         self.b_dec = nnx.Param(jnp.zeros(d_out, jnp.float32))
         self.W_skip = nnx.Param(jnp.zeros((d_out, d_in), jnp.float32)) if config.skip_connection else None
         self.since_fired = LatentStat(jnp.zeros(n + 1, jnp.int32))
@@ -149,7 +148,7 @@ class SparseAutoencoder(nnx.Module):
         n = self.config.n_latents
         if self.rows == n:
             return mask
-        return pad_rows(jnp.ones(n, bool) if mask is None else mask, self.rows)
+        return pad_to_rows(jnp.ones(n, bool) if mask is None else mask, self.rows)
 
     def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """W_enc, b_enc, W_dec in the compute dtype."""
@@ -178,7 +177,7 @@ class SparseAutoencoder(nnx.Module):
                 keep = values.astype(jnp.float32) >= cutoff
                 smallest = jnp.min(jnp.where(keep & (values > 0), values.astype(jnp.float32), jnp.inf))
                 target = jnp.where(jnp.isfinite(smallest), smallest, threshold)
-                self.batchtopk_threshold[...] = threshold + 0.01 * (target - threshold)
+                self.batchtopk_threshold[...] = threshold + BATCHTOPK_THRESHOLD_RATE * (target - threshold)
             else:
                 keep = values.astype(jnp.float32) >= threshold
             values = values * keep
@@ -195,7 +194,7 @@ class SparseAutoencoder(nnx.Module):
         return out
 
     def loss(self, xn: jax.Array, yn: jax.Array, aux_active: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Training loss on normalised xn [B, d_in], yn [B, d_out]: FVU (+ Multi-TopK / 8)
+        """Training loss on normalised xn [B, d_in], yn [B, d_out]: FVU (+ MULTI_TOPK_WEIGHT * Multi-TopK)
         (+ aux_coef * AuxK). -> (loss, {fvu, aux_loss, the main code values/indices [B, k],
         code_indices: every latent of any code this step, [B, *]})."""
         m = self.config
@@ -206,7 +205,7 @@ class SparseAutoencoder(nnx.Module):
         fvu = jnp.sum(error**2) / total_variance
         loss = fvu
         if m.multi_topk:
-            loss = loss + jnp.sum((self.decode(values, indices, xn) - yn) ** 2) / total_variance / 8
+            loss = loss + jnp.sum((self.decode(values, indices, xn) - yn) ** 2) / total_variance * MULTI_TOPK_WEIGHT
         aux_loss = jnp.zeros((), jnp.float32)
         code_indices = indices
         if aux_active and m.aux_coef > 0:
@@ -217,7 +216,7 @@ class SparseAutoencoder(nnx.Module):
             )
             aux_recon = self.kernels.sparse_decode(aux_v, aux_i, W_dec).astype(jnp.float32)
             residual = jax.lax.stop_gradient(error)
-            residual_variance = jnp.maximum(jnp.sum((residual - residual.mean(axis=0)) ** 2), 1e-12)
+            residual_variance = jnp.maximum(jnp.sum((residual - residual.mean(axis=0)) ** 2), AUX_VARIANCE_FLOOR)
             # Zero when no latent is dead, as in the PyTorch backend, which then skips the pass.
             aux_loss = jnp.any(dead) * jnp.sum((aux_recon - residual) ** 2) / residual_variance
             loss = loss + m.aux_coef * aux_loss
@@ -379,8 +378,9 @@ class OneDevice:
 
 
 class JaxSAE:
-    """TopK / BatchTopK SAE or transcoder trained with JAX (``sae_engine.training.backend.SAEBackend``),
-    on JAX's default device or as a ``Layout`` places it."""
+    """TopK / BatchTopK SAE or transcoder trained with JAX (``SAEBackend``, ``ArrayBackend`` and
+    ``SAEAnalysis`` of ``sae_engine.training.backend``), on JAX's default device or as a ``Layout``
+    places it. ``config.model`` is the model's configuration, ``module`` the model itself."""
 
     def __init__(self, config: RunConfig, precision: str | None = None, layout: Layout | None = None) -> None:
         """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
@@ -391,23 +391,23 @@ class JaxSAE:
         self.layout = layout or OneDevice()
         compute_dtype = jnp.bfloat16 if self.precision == "bf16" else jnp.float32
         self.rows = self.layout.rows(config.model.n_latents)
-        model = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype, self.layout.kernels,
-                                  self.rows)
+        module = SparseAutoencoder(_static(config.model), config.train.seed, compute_dtype, self.layout.kernels,
+                                   self.rows)
         # Held split, so a step passes the state to the compiled function without walking the module.
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = nnx.split(module)
         self._train = _static(config.train)
-        self.opt_state = make_optimizer(self._train).init(model.params())
+        self.opt_state = make_optimizer(self._train).init(module.params())
         self.aux_active = False  # see TorchSAE.aux_active
         self._placed_for: jax.sharding.Sharding | None = None  # the batch sharding the state was placed for
 
     @property
-    def model(self) -> SparseAutoencoder:
-        """The model as a module, merged from ``state``; ``_store`` writes changes back."""
+    def module(self) -> SparseAutoencoder:
+        """The model as an nnx module, merged from ``state``; ``_store`` writes changes back."""
         return nnx.merge(self.graphdef, self.state)
 
-    def _store(self, model: SparseAutoencoder) -> None:
+    def _store(self, module: SparseAutoencoder) -> None:
         # Whether merge shares Variables with the state it came from is Flax's detail: re-split.
-        self.state = nnx.state(model)
+        self.state = nnx.state(module)
         self._placed_for = None
 
     @property
@@ -429,18 +429,18 @@ class JaxSAE:
 
     def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Normalisation scales and b_dec from a sample, exactly as ``TorchSAE.initialize``."""
-        m, model = self.config.model, self.model
+        m, module = self.config.model, self.module
         if m.normalize == "dataset":
             in_scale = mean_squared_norm_scale(x)
             out_scale = mean_squared_norm_scale(y) if m.is_transcoder else in_scale
-            model.in_scale[...] = jnp.float32(torch.tensor(in_scale).item())
-            model.out_scale[...] = jnp.float32(torch.tensor(out_scale).item())
-        target = to_torch(model.normalize(to_jax(y.float()), model.out_scale))
+            module.in_scale[...] = jnp.float32(torch.tensor(in_scale).item())
+            module.out_scale[...] = jnp.float32(torch.tensor(out_scale).item())
+        target = to_torch(module.normalize(to_jax(y.float()), module.out_scale))
         if m.b_dec_init == "geometric_median":
-            model.b_dec[...] = jnp.asarray(geometric_median(target).numpy())
+            module.b_dec[...] = jnp.asarray(geometric_median(target).numpy())
         elif m.b_dec_init == "mean":
-            model.b_dec[...] = jnp.asarray(target.mean(dim=0).numpy())
-        self._store(model)
+            module.b_dec[...] = jnp.asarray(target.mean(dim=0).numpy())
+        self._store(module)
 
     # -- the training step ---------------------------------------------------------------------
 
@@ -467,10 +467,10 @@ class JaxSAE:
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """FVU and L0 on held-out data x [B, d_in], y [B, d_out] (BatchTopK by its threshold)."""
-        model = self.model
-        xn, yn = model.normalize(self._in(x), model.in_scale), model.normalize(self._in(y), model.out_scale)
-        values, indices, _ = model.encode(xn, training=False)
-        recon = model.decode(values, indices, xn)
+        module = self.module
+        xn, yn = module.normalize(self._in(x), module.in_scale), module.normalize(self._in(y), module.out_scale)
+        values, indices, _ = module.encode(xn, training=False)
+        recon = module.decode(values, indices, xn)
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
         return {
             "eval_fvu": float(jnp.sum((recon - yn) ** 2) / total_variance),
@@ -479,22 +479,22 @@ class JaxSAE:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64 (torch)."""
-        model = self.model
-        values, indices, _ = model.encode(model.normalize(self._in(x), model.in_scale), training=False)
+        module = self.module
+        values, indices, _ = module.encode(module.normalize(self._in(x), module.in_scale), training=False)
         return to_torch(values.astype(jnp.float32)), to_torch(indices).long()
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The prediction from a code [B, w] of raw x [B, d_in], in the target's raw scale. -> [B, d_out] fp32."""
-        m, model = self.config.model, self.model
+        m, module = self.config.model, self.module
         if m.normalize == "layernorm" and m.is_transcoder:
             raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
                              "their raw scale is unknown")
         xj = self._in(x).astype(jnp.float32)
-        out = model.decode(self._in(values), self._in(indices.long()), model.normalize(xj, model.in_scale))
+        out = module.decode(self._in(values), self._in(indices.long()), module.normalize(xj, module.in_scale))
         if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
-            out = out * jnp.sqrt(xj.var(axis=1, keepdims=True) + 1e-5) + xj.mean(axis=1, keepdims=True)
+            out = out * jnp.sqrt(xj.var(axis=1, keepdims=True) + LAYER_NORM_EPS) + xj.mean(axis=1, keepdims=True)
         else:
-            out = out / model.out_scale[...]
+            out = out / module.out_scale[...]
         return to_torch(out)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -505,14 +505,13 @@ class JaxSAE:
 
     def latent_stats(self, tokens: int) -> dict[str, float]:
         """Dead and dense fractions (host sync); resets the firing counts of the window."""
-        m, model = self.config.model, self.model
-        dead = float(jnp.mean((model.since_fired[: m.n_latents] > m.dead_tokens).astype(jnp.float32)))
-        frequency = model.fire_count[: m.n_latents].astype(jnp.float32) / max(tokens, 1)
-        dense = float(jnp.mean((frequency > 0.1).astype(jnp.float32)))
-        model.fire_count[...] = jnp.zeros_like(model.fire_count[...])
-        self._store(model)
-        self.aux_active = dead > 0
-        return {"dead_fraction": dead, "dense_fraction": dense}
+        module = self.module
+        stats = latent_fractions(to_torch(module.since_fired[...]), to_torch(module.fire_count[...]), self.config.model,
+                                 tokens)
+        module.fire_count[...] = jnp.zeros_like(module.fire_count[...])
+        self._store(module)
+        self.aux_active = stats["dead_fraction"] > 0
+        return stats
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -546,9 +545,9 @@ class JaxSAE:
         out = {}
         for key, a in self.state_arrays().items():
             t = to_torch(a)
-            if is_row_key(key):
+            if is_row_param(key):
                 t = t[:n]
-            out[key] = t.long() if key.removeprefix("buffer.") in COUNTERS else t
+            out[key] = t.long() if key in STATISTICS else t
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], adam_count: int, aux_active: bool) -> None:
@@ -556,18 +555,12 @@ class JaxSAE:
         def j(key: str) -> jax.Array:
             # jnp.array copies: the torch tensors may be live parameters updated in place.
             t = tensors[key]
-            if key.removeprefix("buffer.") in COUNTERS:  # counters saturate rather than wrap in int32
-                return jnp.array(t.clamp_max(2**31 - 1).numpy(), dtype=jnp.int32)
+            if key in STATISTICS:
+                return jnp.array(t.clamp_max(INT32_MAX).numpy(), dtype=jnp.int32)
             a = jnp.array(t.numpy(), dtype=jnp.float32)
-            return pad_rows(a, self.rows) if is_row_key(key) else a
+            return pad_to_rows(a, self.rows) if is_row_param(key) else a
 
         self.load_state_arrays({key: j(key) for key in self.state_arrays()}, adam_count, aux_active)
-
-
-def is_row_key(key: str) -> bool:
-    """Whether a checkpoint tensor has one row per latent (param / Adam moments of W_enc, b_enc,
-    W_dec; the firing statistics have n + 1 slots and are not)."""
-    return key.rsplit(".", 1)[-1] in ROW_PARAMS and not key.startswith("buffer.")
 
 
 def shard_batch(batch: jax.Array, mesh: jax.sharding.Mesh, axis: str = "data") -> jax.Array:

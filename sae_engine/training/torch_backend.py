@@ -7,23 +7,21 @@ Model (all shapes in latents n, input width d_in, target width d_out):
     transcoder: z = TopK(W_enc x + b_enc);            y_hat = W_dec^T z + b_dec (+ W_skip x)
 Losses: FVU (squared error over the target's total variance); AuxK on dead latents (reconstruct
 the residual with the top ``k_aux`` dead latents, Gao et al. 2024; zero when none is dead);
-optional Multi-TopK at 4k. Code widths and the rest of the contract: ``sae_engine.training.backend``.
-BatchTopK keeps the top B*k pre-activations of the batch, chosen among each row's top
-``row_cap`` candidates, so no [B, n] tensor is built.
+optional Multi-TopK at 4k. Code widths, constants and the rest of the contract:
+``sae_engine.training.backend``. BatchTopK keeps the top B*k pre-activations of the batch,
+chosen among each row's top ``row_cap`` candidates, so no [B, n] tensor is built.
 
 The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
 out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
 
-Everything in a step that would cross processes when the batch or the latents are split over
-several (selection over all latents, decoding, sums over the batch) goes through a
-``StepSplit``; the default, ``OneProcess``, is the plain computation. The other parts of a step
-(normalisation, BatchTopK, the backward, clipping, the optimizer step, firing statistics) are
-public methods, so a wrapper that splits the model (``sae_engine.parallel.torch_sharded``)
-passes its own ``StepSplit`` and adds what else it needs (the gradient sum over data ranks).
+One step serves one process and a process of a data x latent mesh alike: everything in it that
+crosses processes when the batch rows or the latent rows are split over several (selection over
+all latents, decoding, sums over the batch, the gradients' sum over data ranks, the global norm,
+the firing of the whole batch) goes through a ``StepSplit``. The default, ``OneProcess``, is the
+plain computation; ``sae_engine.parallel.torch_sharded`` gives a mesh's.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Protocol
 
 import torch
@@ -31,13 +29,14 @@ import torch
 import sae_kernels
 from sae_kernels import EMPTY, RowSparseGrad
 
-from .backend import code_width, selection_width
 from ..config import RunConfig
-from .init import geometric_median, layer_normalize, mean_squared_norm_scale
+from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, LAYER_NORM_EPS, MULTI_TOPK_WEIGHT,
+                      ROW_NORM_FLOOR, code_width, latent_fractions, selection_width)
+from .init import geometric_median, initial_weights, layer_normalize, mean_squared_norm_scale
 from .optim import Adam
 from .precision import resolve_precision
 
-ROW_PARAMS = ("W_enc", "b_enc", "W_dec")  # parameters with one row per latent
+Grads = dict[str, torch.Tensor | RowSparseGrad]  # by parameter name: see TorchSAE._backward
 
 
 def _pad_to(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
@@ -56,18 +55,19 @@ def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 
 class StepSplit(Protocol):
-    """What crosses processes in a step when the batch (rows) or the latents are split.
+    """What crosses processes in a step when the batch rows or the latents are split.
 
-    A process holds B rows of a batch of N and the latent rows of its own model (the ``n`` of
-    its config) of ``n_latents`` in all; a code's indices are global latent ids.
+    A process holds B rows of a batch of N and the latent rows [lo, hi) of the model's
+    ``n_latents``; a code's indices are global latent ids.
     """
 
-    n_latents: int
+    lo: int
+    hi: int
 
     def select(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
                row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``topk_encode`` over the latents of every process. x: [B, d]; W_enc [m, d], b_enc [m]:
-        the rows row_ids [m] (ascending) of this process's model (None: all of them).
+        the rows row_ids [m] (ascending, local) of this process's rows (None: all of them).
         -> values [B, k] in x's dtype, global indices [B, k]."""
 
     def decode_sum(self, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -75,13 +75,13 @@ class StepSplit(Protocol):
         rows (W_dec: this process's). -> [B, d] fp32."""
 
     def owned(self, indices: torch.Tensor) -> torch.Tensor:
-        """Global indices [B, k] as rows of this process's model; EMPTY where another owns them."""
+        """Global indices [B, k] as this process's local rows; EMPTY where another owns them."""
 
     def latent_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the processes holding the other latents of the same rows."""
+        """``t`` summed over the processes holding the other latents of the same batch rows."""
 
-    def batch_candidates(self, values: torch.Tensor) -> torch.Tensor | None:
-        """BatchTopK's candidates of the whole batch, [N * w] fp32 (None: ``values`` [B, w] are all)."""
+    def gather_batch(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, ...] of this process's batch rows -> [N, ...] those of the whole batch."""
 
     def batch_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of t [B, ...] over the whole batch. -> 0-d."""
@@ -92,12 +92,16 @@ class StepSplit(Protocol):
     def total_variance(self, y: torch.Tensor) -> torch.Tensor:
         """Squared deviation of y [B, d] from the batch mean, summed over the whole batch. -> 0-d."""
 
+    def sum_gradients(self, grads: Grads, allow_dense: bool) -> Grads:
+        """The gradients of this process's rows summed over the processes holding the other
+        batch rows. allow_dense: whether row-sparse sums may come back with every row."""
+
 
 class OneProcess:
     """The ``StepSplit`` of a model and batch held whole by one process."""
 
     def __init__(self, n_latents: int) -> None:
-        self.n_latents = n_latents
+        self.lo, self.hi = 0, n_latents
 
     def select(self, x, W_enc, b_enc, k, row_ids=None):
         values, indices = sae_kernels.topk_encode(x, W_enc, b_enc, k)
@@ -114,8 +118,8 @@ class OneProcess:
     def latent_sum(self, t):
         return t
 
-    def batch_candidates(self, values):
-        return None
+    def gather_batch(self, t):
+        return t
 
     def batch_sum(self, t):
         return t.sum()
@@ -126,46 +130,48 @@ class OneProcess:
     def total_variance(self, y):
         return (y - y.mean(dim=0)).pow(2).sum()
 
+    def sum_gradients(self, grads, allow_dense):
+        return grads
+
 
 class TorchSAE:
-    """A TopK / BatchTopK SAE or transcoder with its optimizer state, on one device
-    (``sae_engine.training.backend.SAEBackend``)."""
+    """A TopK / BatchTopK SAE or transcoder with its optimizer state (``SAEBackend`` and
+    ``SAEAnalysis`` of ``sae_engine.training.backend``): the whole model on one device, or the
+    latent rows [lo, hi) of a model split over processes as its ``StepSplit`` says.
+
+    ``config.model`` is always the whole model (code widths, AuxK's k and the statistics follow
+    its ``n_latents``); ``n_rows`` = hi - lo is how many latent rows this process holds, the
+    first axis of W_enc, b_enc, W_dec and their moments (the firing statistics have one slot more).
+    """
 
     def __init__(self, config: RunConfig, device: torch.device, precision: str | None = None,
-                 generator: torch.Generator | None = None, split: StepSplit | None = None) -> None:
+                 split: StepSplit | None = None) -> None:
         """``precision``: the compute dtype, "bf16" or "fp32"; None = ``config.train.precision``
         decided for ``device`` (``sae_engine.training.precision``). ``split``: how the step's batch and
-        latents are spread over processes (None: ``OneProcess``)."""
+        latents are spread over processes (None: ``OneProcess``); this process draws and holds
+        the initial rows [split.lo, split.hi) of the whole model's (``init.initial_weights``)."""
+        m = config.model
         self.config = config
         self.device = device
-        self.split: StepSplit = split or OneProcess(config.model.n_latents)
-        # Code widths and AuxK's k follow the latents of every process, not this one's part.
-        self.whole_model = dataclasses.replace(config.model, n_latents=self.split.n_latents)
-        m = config.model
+        self.split: StepSplit = split or OneProcess(m.n_latents)
+        self.n_rows = self.split.hi - self.split.lo
         self.precision = precision or resolve_precision(config.train.precision, device.type).dtype
         self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        gen = generator or torch.Generator().manual_seed(config.train.seed)
-        n, d_in, d_out = m.n_latents, m.d_in, m.target_dim
-        W_dec = torch.randn(n, d_out, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        # Gao et al.: the encoder starts as the decoder's transpose (rows here), for SAEs.
-        if m.is_transcoder:
-            W_enc = torch.randn(n, d_in, generator=gen) / d_in**0.5
-        else:
-            W_enc = W_dec.clone()
+        weights = initial_weights(m, config.train.seed, self.split.lo, self.split.hi)
+        d_in, d_out = m.d_in, m.target_dim
         self.params: dict[str, torch.Tensor] = {
-            "W_enc": W_enc,
-            "b_enc": torch.zeros(n),
-            "W_dec": W_dec,
+            "W_enc": weights["W_enc"],
+            "b_enc": torch.zeros(self.n_rows),
+            "W_dec": weights["W_dec"],
             "b_dec": torch.zeros(d_out),
         }
         if m.skip_connection:
             self.params["W_skip"] = torch.zeros(d_out, d_in)
         self.params = {name: p.to(device) for name, p in self.params.items()}
         self.buffers: dict[str, torch.Tensor] = {
-            # Tokens since each latent last fired; slot n absorbs empty and zero-valued slots.
-            "since_fired": torch.zeros(n + 1, dtype=torch.int64, device=device),
-            "fire_count": torch.zeros(n + 1, dtype=torch.int64, device=device),
+            # Tokens since each latent last fired; the last slot absorbs empty and zero-valued slots.
+            "since_fired": torch.zeros(self.n_rows + 1, dtype=torch.int64, device=device),
+            "fire_count": torch.zeros(self.n_rows + 1, dtype=torch.int64, device=device),
             "in_scale": torch.ones((), device=device),
             "out_scale": torch.ones((), device=device),
             "batchtopk_threshold": torch.zeros((), device=device),
@@ -183,79 +189,73 @@ class TorchSAE:
     # -- initialisation ----------------------------------------------------------------------
 
     def initialize(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Data-dependent init from a sample: normalisation scales and b_dec. x: [N, d_in], y: [N, d_out]."""
+        """Data-dependent init from a sample: normalisation scales and b_dec. x: [N, d_in], y: [N, d_out]
+        (split over latents: every process holds the whole sample and gets the same results)."""
         m = self.config.model
         if m.normalize == "dataset":
             self.buffers["in_scale"].fill_(mean_squared_norm_scale(x))
             self.buffers["out_scale"].fill_(mean_squared_norm_scale(y) if m.is_transcoder else self.buffers["in_scale"].item())
-        target = self.normalize_target(y.to(self.device))
+        target = self._normalize_target(y.to(self.device))
         if m.b_dec_init == "geometric_median":
             self.params["b_dec"].copy_(geometric_median(target))
         elif m.b_dec_init == "mean":
             self.params["b_dec"].copy_(target.mean(dim=0))
 
-    # -- step parts: the pieces of a training step -------------------------------------------
+    # -- forward pieces ------------------------------------------------------------------------
 
-    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs x [B, d_in] in the model's normalised space. -> xn [B, d_in] fp32."""
         if self.config.model.normalize == "layernorm":
             return layer_normalize(x)
         return x.float() * self.buffers["in_scale"]
 
-    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+    def _normalize_target(self, y: torch.Tensor) -> torch.Tensor:
         """Raw targets y [B, d_out] in the model's normalised space. -> yn [B, d_out] fp32."""
         if self.config.model.normalize == "layernorm":
             return layer_normalize(y)
         return y.float() * self.buffers["out_scale"]
 
-    def encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
+    def _encoder_input(self, xn: torch.Tensor) -> torch.Tensor:
         """What the encoder reads: xn [B, d_in] less b_dec for an SAE, xn for a transcoder. -> x_c [B, d_in]."""
         return xn if self.config.model.is_transcoder else xn - self.params["b_dec"]
 
-    def compute_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """W_enc [n, d_in], b_enc [n] and W_dec [n, d_out] in the compute dtype."""
+    def _compute_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_enc [r, d_in], b_enc [r] and W_dec [r, d_out] (this process's rows) in the compute dtype."""
         cd = self.compute_dtype
         return self.params["W_enc"].to(cd), self.params["b_enc"].to(cd), self.params["W_dec"].to(cd)
 
-    def batch_topk(self, values: torch.Tensor, indices: torch.Tensor, training: bool,
-                   batch_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_topk(self, values: torch.Tensor, indices: torch.Tensor,
+                    training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """BatchTopK on per-row candidates values, indices [B, w]: in training keep the N*k largest
-        values of the batch of N rows (and move the inference threshold towards the smallest kept
-        positive value), at inference those at or above the threshold. Dropped slots become 0 / EMPTY.
-
-        batch_values: [N * w] fp32, the candidates of every row of the batch when this process
-        holds only B of its N rows; None: the batch is these B rows.
-        """
+        values of the whole batch of N rows (and move the inference threshold towards the smallest
+        kept positive value), at inference those at or above the threshold. Dropped slots become 0 / EMPTY."""
         threshold = self.buffers["batchtopk_threshold"]
         if training:
-            every = values.flatten().float() if batch_values is None else batch_values
+            every = self.split.gather_batch(values.float()).flatten()  # [N * w]
             budget = min(every.numel() // values.shape[1] * self.config.model.k, every.numel())
             cutoff = every.topk(budget, sorted=False).values.min()
             # The inference threshold: running mean of the smallest kept positive value.
             smallest = torch.where((every >= cutoff) & (every > 0), every, torch.inf).min()
-            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), 0.01)
+            threshold.lerp_(torch.where(torch.isfinite(smallest), smallest, threshold), BATCHTOPK_THRESHOLD_RATE)
             keep = values.float() >= cutoff
         else:
             keep = values.float() >= threshold
         return values * keep, indices.masked_fill(~keep, EMPTY)
 
-    def dead_latents(self) -> torch.Tensor:
-        """Latents that have not fired for more than ``model.dead_tokens`` tokens. -> [m] int64, ascending."""
-        n = self.config.model.n_latents
-        return torch.nonzero(self.buffers["since_fired"][:n] > self.config.model.dead_tokens).squeeze(1)
-
-    # -- forward pieces ------------------------------------------------------------------------
+    def _dead_latents(self) -> torch.Tensor:
+        """This process's rows of latents that have not fired for more than ``model.dead_tokens``
+        tokens. -> [m] int64 local rows, ascending."""
+        return torch.nonzero(self.buffers["since_fired"][: self.n_rows] > self.config.model.dead_tokens).squeeze(1)
 
     def _encode(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, training: bool):
         """Sparse code of the encoder input, in the compute dtype. -> values, indices [B, w]:
         w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
         code), ``code_width`` at inference."""
-        m = self.whole_model
+        m = self.config.model
         width = selection_width(m) if training else code_width(m)
         values, indices = self.split.select(x_c.to(self.compute_dtype), W_enc, b_enc, width)
         if m.kind == "batchtopk":
-            every = self.split.batch_candidates(values) if training else None
-            values, indices = self.batch_topk(values, indices, training, every)
+            values, indices = self._batch_topk(values, indices, training)
         return values, indices
 
     def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
@@ -265,12 +265,14 @@ class TorchSAE:
             out = out + xn @ self.params["W_skip"].T
         return out
 
+    # -- inference -----------------------------------------------------------------------------
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference code of raw x [B, d_in]. -> values [B, w] fp32, indices [B, w] int64."""
-        xn = self.normalize_input(x.to(self.device))
-        W_enc, b_enc, _ = self.compute_weights()
-        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
+        xn = self._normalize_input(x.to(self.device))
+        W_enc, b_enc, _ = self._compute_weights()
+        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
         return values.float(), indices
 
     @torch.no_grad()
@@ -281,10 +283,11 @@ class TorchSAE:
             raise ValueError("a transcoder with model.normalize = 'layernorm' predicts normalised targets; "
                              "their raw scale is unknown")
         x = x.to(self.device).float()
-        _, _, W_dec = self.compute_weights()
-        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self.normalize_input(x))
+        _, _, W_dec = self._compute_weights()
+        out = self._decode(values.to(self.device), indices.to(self.device), W_dec, self._normalize_input(x))
         if m.normalize == "layernorm":  # undo the per-vector normalisation with x's own statistics
-            return out * x.var(dim=1, unbiased=False, keepdim=True).add(1e-5).sqrt() + x.mean(dim=1, keepdim=True)
+            std = x.var(dim=1, unbiased=False, keepdim=True).add(LAYER_NORM_EPS).sqrt()
+            return out * std + x.mean(dim=1, keepdim=True)
         return out / self.buffers["out_scale"]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,10 +298,11 @@ class TorchSAE:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """FVU and L0 on held-out data (no training-time BatchTopK statistics)."""
-        xn, yn = self.normalize_input(x.to(self.device)), self.normalize_target(y.to(self.device))
-        W_enc, b_enc, W_dec = self.compute_weights()
-        values, indices = self._encode(self.encoder_input(xn), W_enc, b_enc, training=False)
+        """FVU and L0 on held-out data (no training-time BatchTopK statistics); split over
+        latents, every process holds the whole x [B, d_in], y [B, d_out]."""
+        xn, yn = self._normalize_input(x.to(self.device)), self._normalize_target(y.to(self.device))
+        W_enc, b_enc, W_dec = self._compute_weights()
+        values, indices = self._encode(self._encoder_input(xn), W_enc, b_enc, training=False)
         recon = self._decode(values, indices, W_dec, xn)
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {
@@ -309,29 +313,30 @@ class TorchSAE:
     # -- the training step -----------------------------------------------------------------------
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-        """One step of forward, sparse backward and Adam. x: [B, d_in], y: [B, d_out].
+        """One step of forward, sparse backward and Adam on this process's batch rows
+        x [B, d_in], y [B, d_out]: the gradients summed over the batch, clipped by their global
+        norm, the optimizer step, the firing statistics of the whole batch.
 
         Returns metrics as 0-d tensors so the caller decides when to synchronise.
         """
         metrics, grads, (values, indices) = self.loss_and_grads(x, y)
-        factor = None
-        if self.config.train.grad_clip is not None:
-            factor = self.clip_factor(torch.cat(self.gradient_squares(grads)).sum().sqrt())
-        self.apply_gradients(grads, lr, factor)
-        self.track_firing(torch.where(values > 0, indices, EMPTY), x.shape[0])
+        grads = self.split.sum_gradients(grads, allow_dense=self.config.train.optimizer == "adam")
+        self._apply_gradients(grads, lr, self._clip_factor(grads))
+        fired = self.split.owned(self.split.gather_batch(torch.where(values > 0, indices, EMPTY)))
+        self._track_firing(fired, fired.shape[0])
         return metrics
 
-    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor):
+    def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], Grads, tuple]:
         """Forward and sparse backward without touching the parameters. x: [B, d_in], y: [B, d_out].
 
-        Returns (metrics over the whole batch, grads by parameter name (``backward``'s; the
-        batch's sums over this process's rows), the main code (values, global indices) [B, k]).
+        Returns (metrics over the whole batch, grads by parameter name (``_backward``'s; sums
+        over this process's batch rows), the main code (values, global indices) [B, k]).
         """
         m = self.config.model
         k = m.k
-        xn, yn = self.normalize_input(x), self.normalize_target(y)
-        x_c = self.encoder_input(xn)
-        W_enc, b_enc, W_dec = self.compute_weights()
+        xn, yn = self._normalize_input(x), self._normalize_target(y)
+        x_c = self._encoder_input(xn)
+        W_enc, b_enc, W_dec = self._compute_weights()
 
         values, indices = self._encode(x_c, W_enc, b_enc, training=True)
         main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
@@ -346,26 +351,26 @@ class TorchSAE:
         dec_terms = [(g_recon, main_values, main_indices, True)]
         if m.multi_topk:
             error_multi = self._decode(values, indices, W_dec, xn) - yn
-            loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance / 8
-            dec_terms.append((error_multi * (2 / total_variance / 8), values, indices, True))
+            loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance * MULTI_TOPK_WEIGHT
+            dec_terms.append((error_multi * (2 / total_variance * MULTI_TOPK_WEIGHT), values, indices, True))
         aux_loss = torch.zeros((), device=self.device)
-        dead = self.dead_latents() if self.aux_active and m.aux_coef > 0 else None
+        dead = self._dead_latents() if self.aux_active and m.aux_coef > 0 else None
         total_dead = 0 if dead is None else int(self.split.latent_sum(torch.tensor([len(dead)], device=self.device)).item())
         if total_dead:
             # The AuxK GEMM runs over the dead rows only: its cost scales with how many are dead.
             aux_values, aux_indices = self.split.select(
-                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(self.whole_model.aux_k, total_dead), dead
+                x_c.to(self.compute_dtype), W_enc[dead], b_enc[dead], min(m.aux_k, total_dead), dead
             )
             aux_recon = self.split.decode_sum(aux_values, aux_indices, W_dec)
             residual = error.detach()
-            residual_variance = self.split.total_variance(residual).clamp_min(1e-12)
+            residual_variance = self.split.total_variance(residual).clamp_min(AUX_VARIANCE_FLOOR)
             aux_error = aux_recon - residual
             aux_loss = self.split.batch_sum(aux_error.pow(2)) / residual_variance
             loss = loss + m.aux_coef * aux_loss
             dec_terms.append((aux_error * (2 * m.aux_coef / residual_variance), aux_values, aux_indices, False))
 
         own = self.split.owned
-        grads = self.backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
+        grads = self._backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
         metrics = {
             "loss": loss,
             "fvu": fvu,
@@ -374,20 +379,20 @@ class TorchSAE:
         }
         return metrics, grads, (main_values, main_indices)
 
-    def backward(self, xn: torch.Tensor, x_c: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-                 dec_terms: list) -> dict[str, torch.Tensor | RowSparseGrad]:
+    def _backward(self, xn: torch.Tensor, x_c: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                  dec_terms: list) -> Grads:
         """Sparse backward through every reconstruction term, then the encoder. -> grads by name:
         W_enc (RowSparseGrad [U, d_in] with b_enc's), W_dec (RowSparseGrad [U', d_out], its
         component along each row removed), b_dec [d_out], W_skip [d_out, d_in] when there is one.
 
         xn, x_c: [B, d_in] the normalised and the encoder input; values, indices: [B, w] the
-        shared code (indices of this model's rows; EMPTY slots are skipped). dec_terms: (gradient
+        shared code (local rows of this process; EMPTY slots are skipped). dec_terms: (gradient
         w.r.t. the term's output [B, d_out], its values, its indices, whether it reads the shared
         code). The main and Multi-TopK terms read the shared code (main its first k slots), the
         AuxK term its own. b_dec's gradient includes the encoder's ``-sum(dx)`` for an SAE.
         """
         B = xn.shape[0]
-        grads: dict[str, torch.Tensor | RowSparseGrad] = {}
+        grads: Grads = {}
         # b_dec and W_skip enter the main and Multi-TopK reconstructions, not the AuxK one.
         g_shared_out = sum(g for g, _, _, shared in dec_terms if shared)
         grads["b_dec"] = g_shared_out.sum(dim=0)
@@ -426,25 +431,24 @@ class TorchSAE:
         along = torch.einsum("ud,ud->u", grad.grad, rows)  # row-wise dots without a [U, d] temporary
         return RowSparseGrad(grad.rows, grad.grad.addcmul_(along.unsqueeze(1), rows, value=-1.0))
 
-    def gradient_squares(self, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared norms of ``backward``'s gradients: ([3] W_enc, b_enc, W_dec, the parameters with
-        a row per latent; [1 or 2] b_dec, W_skip)."""
-        rows = torch.stack([grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
-                            grads["W_dec"].grad.pow(2).sum()])
-        dense = torch.stack([grads[name].pow(2).sum() for name in ("b_dec", "W_skip") if name in grads])
-        return rows, dense
-
-    def clip_factor(self, norm: torch.Tensor) -> torch.Tensor | None:
-        """optax.clip_by_global_norm's scale for a gradient of global norm ``norm`` (0-d): bound /
-        norm when the norm exceeds ``train.grad_clip``, else 1; None without clipping."""
+    def _clip_factor(self, grads: Grads) -> torch.Tensor | None:
+        """optax.clip_by_global_norm's scale for ``_backward``'s gradients summed over the batch
+        (0-d): bound / norm when their global norm over every latent row exceeds
+        ``train.grad_clip``, else 1; None without clipping."""
         bound = self.config.train.grad_clip
         if bound is None:
             return None
+        # Squared norms of the parameters with a row per latent (summed over the processes that
+        # hold the other rows), then of the rest (b_dec, W_skip; every process holds them whole).
+        rows = torch.stack([grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
+                            grads["W_dec"].grad.pow(2).sum()])
+        dense = torch.stack([grads[name].pow(2).sum() for name in ("b_dec", "W_skip") if name in grads])
+        norm = torch.cat([self.split.latent_sum(rows), dense]).sum().sqrt()
         return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
 
-    def apply_gradients(self, grads: dict, lr: float, factor: torch.Tensor | None = None) -> None:
-        """One optimizer step on ``backward``'s gradients scaled by ``factor`` (0-d, from
-        ``clip_factor``; None: unscaled), then the decoder rows back to unit norm."""
+    def _apply_gradients(self, grads: Grads, lr: float, factor: torch.Tensor | None) -> None:
+        """One optimizer step on the gradients scaled by ``factor`` (0-d, from ``_clip_factor``;
+        None: unscaled), then the decoder rows back to unit norm."""
         t = self.config.train
         opt = self.optimizer
         opt.begin_step()
@@ -467,32 +471,29 @@ class TorchSAE:
         W_dec = self.params["W_dec"]
         if t.optimizer == "row_sparse_adam":
             rows = dec.rows
-            W_dec.index_copy_(0, rows, torch.nn.functional.normalize(W_dec[rows], dim=1))
+            W_dec.index_copy_(0, rows, torch.nn.functional.normalize(W_dec[rows], dim=1, eps=ROW_NORM_FLOOR))
         else:
-            W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min_(1e-12))
+            W_dec.div_(torch.linalg.vector_norm(W_dec, dim=1, keepdim=True).clamp_min_(ROW_NORM_FLOOR))
 
-    def track_firing(self, fired: torch.Tensor, batch: int) -> None:
-        """Firing statistics after a step of ``batch`` tokens. fired: [B', w] the latents that
+    def _track_firing(self, fired: torch.Tensor, batch: int) -> None:
+        """Firing statistics after a step of ``batch`` tokens. fired: [B', w] the local rows that
         fired (their code value > 0), EMPTY in every other slot."""
-        n = self.config.model.n_latents
-        fired = torch.where(fired >= 0, fired, n).flatten()
+        fired = torch.where(fired >= 0, fired, self.n_rows).flatten()
         self.buffers["since_fired"].add_(batch).index_fill_(0, fired, 0)
         self.buffers["fire_count"].index_add_(0, fired, torch.ones_like(fired))
 
     # -- statistics and state ------------------------------------------------------------------
 
     def latent_stats(self, tokens: int) -> dict[str, float]:
-        """Dead and dense fractions (host sync); resets the firing counts of the window."""
-        m = self.config.model
-        dead = (self.buffers["since_fired"][: m.n_latents] > m.dead_tokens).float().mean().item()
-        frequency = self.buffers["fire_count"][: m.n_latents].float() / max(tokens, 1)
-        dense = (frequency > 0.1).float().mean().item()
+        """Dead and dense fractions of the whole model (host sync); resets the firing counts of the window."""
+        stats = latent_fractions(self.buffers["since_fired"], self.buffers["fire_count"], self.config.model, tokens,
+                                 self.split.latent_sum)
         self.buffers["fire_count"].zero_()
-        self.aux_active = dead > 0
-        return {"dead_fraction": dead, "dense_fraction": dense}
+        self.aux_active = stats["dead_fraction"] > 0
+        return stats
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor a checkpoint needs: parameters, buffers, Adam moments."""
+        """Every tensor a checkpoint needs: parameters, buffers, Adam moments (this process's rows)."""
         out = {f"param.{name}": p for name, p in self.params.items()}
         out.update({f"buffer.{name}": b for name, b in self.buffers.items()})
         out.update(self.optimizer.state_tensors())

@@ -11,6 +11,8 @@ process-wide settings (see :func:`sae_engine.memory.tune_allocator`: the CLI cal
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -22,18 +24,19 @@ from typing import Any
 
 import torch
 
-from .backend import SAEBackend, run_precision
-from ..checkpoints.single import latest_checkpoint, save_checkpoint
+from ..checkpoints.folder import Resumable, newest_readable
+from ..checkpoints.keys import RING_TENSORS
+from ..checkpoints.lock import RunLock, RunLockedError
+from ..checkpoints.meta import CheckpointError, read_meta
 from ..config import ConfigError, RunConfig
-from .metrics import JsonlLog, plot_curves
-from .optim import learning_rate
-from ..parallel import apply as parallel
-from ..checkpoints.dcp import read_meta
 from ..data.registry import build_source
 from ..data.sources import ActivationSource, OffsetSource
+from .backend import run_precision
+from .metrics import JsonlLog, plot_curves
+from .optim import learning_rate
+from .placement import Placement, placement_for
 
 log = logging.getLogger(__name__)
-RING_TENSORS = ("unserved", "unserved_positions", "rng")  # the feed's state kept as checkpoint tensors
 
 
 class TrainingError(RuntimeError):
@@ -48,29 +51,6 @@ class TrainResult:
     final: dict[str, float]
     interrupted: bool = False
     resumed_from: Path | None = None  # the checkpoint this run continued, if any
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
-def make_backend(config: RunConfig, device: torch.device, precision: str | None = None) -> SAEBackend:
-    """The backend ``train.backend`` names, computing in ``precision`` ("bf16" or "fp32"; None =
-    ``train.precision`` decided for the device)."""
-    if config.train.backend == "torch":
-        from .torch_backend import TorchSAE
-
-        return TorchSAE(config, device, precision)
-    if device.type != "cpu":
-        raise ConfigError("train.backend = 'jax' runs where JAX runs; use train.device = 'cpu' here, "
-                          "or a JAX build with GPU support and the default device")
-    from .jax_backend import JaxSAE
-
-    return JaxSAE(config, precision)
 
 
 def _recorded_precision(checkpoint: Path | None) -> str | None:
@@ -138,15 +118,35 @@ class Trainer:
 
     ``source`` yields vectors ``[d_in]`` (an SAE) or ``[d_in + d_out]``, input and target side by
     side (a transcoder); its first ``data.eval_tokens`` vectors are held out for evaluation.
+    ``placement``: where the run trains (default: the one ``[parallel]`` asks for).
     """
 
-    def __init__(self, config: RunConfig, source: ActivationSource) -> None:
-        self.config = config
+    def __init__(self, config: RunConfig, source: ActivationSource, placement: Placement | None = None) -> None:
         self.run_dir = Path(config.train.out_dir)
-        self.device = resolve_device(config.train.device)
-        self.mesh = parallel.setup(config, self.device)  # None: one plain process
-        self.device = self.device if self.mesh is None else self.mesh.device
-        self.is_main = self.mesh is None or self.mesh.is_main
+        self.placement = placement_for(config) if placement is None else placement
+        self.is_main = self.placement.is_main
+        self._held = self._hold()
+        try:
+            self._setup(config, source)
+        except BaseException:
+            self.release()
+            raise
+
+    def _hold(self) -> contextlib.ExitStack:
+        """Hold the run folder for this run (``RunLock``) before anything else: a second run on
+        it stops here, having done and written nothing."""
+        held = contextlib.ExitStack()
+        refusal = None
+        if self.is_main:
+            try:
+                held.enter_context(RunLock(self.run_dir))
+            except RunLockedError as error:
+                refusal = error
+        if self.placement.any(refusal is not None):
+            raise refusal or RunLockedError(f"{self.run_dir} is in use by another training run (see rank 0)")
+        return held
+
+    def _setup(self, config: RunConfig, source: ActivationSource) -> None:
         width = config.model.d_in + (config.model.d_out or 0)
         if source.d != width:
             raise ConfigError(f"the data source gives vectors of d={source.d}, but the model needs d={width}"
@@ -156,27 +156,27 @@ class Trainer:
             raise ConfigError(f"the data holds {len(source)} vectors, not more than data.eval_tokens = {d.eval_tokens}")
         self.eval_batch = _read_head(source, d.eval_tokens) if d.eval_tokens else None
         self.train_source = OffsetSource(source, d.eval_tokens)
-        compute_type = getattr(self.mesh, "compute_device_type", self.device.type)  # a JAX mesh: its devices'
-        precision = run_precision(config.train, compute_type, _recorded_precision(latest_checkpoint(self.run_dir)))
-        config.train.precision_resolved = precision.dtype  # recorded in config.json and every checkpoint
+        self.found = newest_readable(self.run_dir)  # what run() resumes from (None: a fresh run)
+        precision = run_precision(config.train, self.placement.compute_device_type, _recorded_precision(self.found.path))
+        # The config as recorded in config.json and every checkpoint: with the dtype this run computes in.
+        self.config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision_resolved=precision.dtype))
         if self.is_main:
             log.info("computing in %s (%s)", precision.dtype, precision.reason)
         dtype = torch.bfloat16 if precision.dtype == "bf16" else torch.float32
-        self.buffer = parallel.feed(self.train_source, d.buffer_size, dtype, self.device, d.seed, self.mesh)
+        self.buffer = self.placement.feed(self.train_source, d.buffer_size, dtype, d.seed)
         available = len(self.train_source)
         budget = min(config.train.max_tokens or available, available)
         self.total_steps = budget // config.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"{budget} training vectors make no full batch of train.batch_size = {config.train.batch_size}")
-        self.backend = (make_backend(config, self.device, precision.dtype) if self.mesh is None
-                        else parallel.parallelize(config, self.mesh))
+        self.backend = self.placement.backend(self.config, precision.dtype)
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self.step = 0
         self.resumed_from: Path | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _meta(self) -> dict[str, Any]:
+    def _meta(self) -> tuple[dict[str, Any], dict[str, Any]]:
         buffer_state = self.buffer.state_dict()
         return {
             "config": self.config.to_dict(),
@@ -188,23 +188,37 @@ class Trainer:
         }, buffer_state
 
     def save(self) -> Path:
+        """Checkpoint this step; CheckpointWriteError (the previous checkpoint kept) when it cannot."""
         meta, buffer_state = self._meta()
         ring = {f"buffer.{key}": buffer_state[key] for key in RING_TENSORS if key in buffer_state}
         if "buffer.unserved" in ring:
             ring["buffer.unserved"] = ring["buffer.unserved"].float()
-        if self.mesh is not None:
-            return parallel.save(self.run_dir, self.step, self.backend, ring, meta, self.mesh, self.config)
-        tensors = {**self.backend.state_tensors(), **ring}
-        return save_checkpoint(self.run_dir, self.step, tensors, meta, keep=self.config.train.keep_checkpoints)
+        return self.placement.save(self.run_dir, self.step, self.backend, ring, meta, self.config.train.keep_checkpoints)
 
-    def _resume(self, path: Path) -> None:
-        meta = read_meta(path)
-        if meta["config"]["model"] != self.config.to_dict()["model"]:
-            raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
-                              "use another train.out_dir or the same model settings")
-        imported = "imported_from" in meta  # `sae-engine import`: weights only, fresh optimizer, data from the start
-        counters = (0, False) if imported else (meta["adam_count"], meta["aux_active"])
-        ring = parallel.restore(path, self.backend, self.mesh, self.config, *counters)
+    def _resume(self, found: Resumable) -> None:
+        """Continue from the newest checkpoint that reads back, passing over (and naming) broken ones."""
+        while found.path is not None:
+            path = found.path
+            meta = read_meta(path)
+            if meta["config"]["model"] != self.config.to_dict()["model"]:
+                raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
+                                  "use another train.out_dir or the same model settings")
+            imported = "imported_from" in meta  # `sae-engine import`: weights only, fresh optimizer, data from the start
+            counters = (0, False) if imported else (meta["adam_count"], meta["aux_active"])
+            try:
+                ring, failure = self.placement.restore(path, self.backend, self.config, *counters), None
+            except CheckpointError as error:
+                ring, failure = {}, str(error)
+            if self.placement.any(failure is not None):  # every rank moves on to the same checkpoint
+                found = newest_readable(self.run_dir, found.skipped + [(path, failure or "unreadable on another rank")])
+                continue
+            break
+        for broken, why in found.skipped:
+            log.warning("checkpoint %s cannot be read (%s); passed over", broken, why)
+        if found.path is None:
+            names = ", ".join(str(broken) for broken, _ in found.skipped)
+            raise CheckpointError(f"{self.run_dir} holds checkpoints but none can be read ({names}); move them "
+                                  "away to start afresh, or use another train.out_dir")
         if imported:
             log.warning(
                 "continuing training from weights imported from %s (%s); the optimizer state starts fresh",
@@ -226,10 +240,20 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train to the end or a signal; the run folder is released after."""
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder (``run`` does so itself; for a Trainer that is not run)."""
+        self._held.close()
+
+    def _train(self) -> TrainResult:
         t = self.config.train
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        if self.found.path is not None or self.found.skipped:
+            self._resume(self.found)
         else:
             self._initialize()
         if self.is_main:
@@ -261,7 +285,7 @@ class Trainer:
                     last.update(self._evaluate())
                 if self.step % t.checkpoint_every == 0:
                     self.save()
-                if parallel.any_rank(stop.signal is not None, self.mesh):
+                if self.placement.any(stop.signal is not None):
                     interrupted = True
                     break
         progress.close()
@@ -301,6 +325,8 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def train(config: RunConfig, source: ActivationSource | None = None) -> TrainResult:
     """Train (or resume) the run a config describes, on ``source`` or else the source that
-    ``config.data`` names (built through :mod:`sae_engine.data.registry`). See ``Trainer``."""
-    return Trainer(config, source if source is not None else build_source(config)).run()
+    ``config.data`` names (built through :mod:`sae_engine.data.registry`), placed as
+    ``[parallel]`` asks (``training.placement.placement_for``). See ``Trainer``."""
+    placement = placement_for(config)
+    return Trainer(config, source if source is not None else build_source(config), placement).run()
 
