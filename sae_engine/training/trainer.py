@@ -213,7 +213,7 @@ class Trainer:
                 found = newest_readable(self.run_dir, found.skipped + [(path, failure or "unreadable on another rank")])
                 continue
             break
-        for broken, why in found.skipped:
+        for broken, why in found.skipped if self.is_main else []:
             log.warning("checkpoint %s cannot be read (%s); passed over", broken, why)
         if found.path is None:
             names = ", ".join(str(broken) for broken, _ in found.skipped)
