@@ -52,9 +52,9 @@ def test_data_parallel_over_four_host_devices_equals_one_device():
     script = textwrap.dedent(
         """
         import numpy as np, torch, jax
-        from jax.sharding import Mesh
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
         from sae_engine.config import load_config
-        from sae_engine.training.jax_backend import JaxSAE, shard_batch
+        from sae_engine.training.jax_backend import JaxSAE
         assert len(jax.devices()) == 4
         config = load_config(None, %r)
         single, sharded = JaxSAE(config), JaxSAE(config)
@@ -63,7 +63,7 @@ def test_data_parallel_over_four_host_devices_equals_one_device():
         for _ in range(10):
             x = torch.randn(64, 16, generator=g)
             a = single.train_step(x, x, 1e-3)
-            xs = shard_batch(jax.numpy.asarray(x.numpy()), mesh)
+            xs = jax.device_put(jax.numpy.asarray(x.numpy()), NamedSharding(mesh, PartitionSpec("data", None)))
             b = sharded.train_step_arrays(xs, xs, 1e-3)
             assert len(xs.sharding.device_set) == 4
             assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5 * abs(float(a["loss"])), (a, b)
