@@ -17,12 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .parallel_config import ParallelConfig
 from .data.registry import UnknownSourceError, get_source, source_names, table_spec
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work, with the key and the value in the message."""
+KINDS = ("topk", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk")
+BATCH_KINDS = ("batchtopk", "matryoshka_batchtopk")  # BatchTopK selection: top B*k of the batch, a threshold at inference
+MATRYOSHKA_KINDS = ("matryoshka_topk", "matryoshka_batchtopk")  # nested prefixes each reconstruct the input
+# The default Matryoshka prefixes: MATRYOSHKA_LEVELS nested sizes, each MATRYOSHKA_RATIO times the
+# one before, ending at n_latents (n/64, n/16, n/4, n). Neither SAELens (matryoshka_widths) nor
+# dictionary_learning (group_fractions) has a default; their examples and Bussmann et al. (2025)
+# grow the dictionary geometrically by a small factor per level, which this follows.
+MATRYOSHKA_LEVELS = 4
+MATRYOSHKA_RATIO = 4
+
+
+def default_prefixes(n_latents: int) -> list[int]:
+    """The default Matryoshka prefix sizes for n latents: n / RATIO^j for j = LEVELS-1 .. 0,
+    those below 1 or repeated dropped (so always strictly increasing, ending at n)."""
+    sizes = [n_latents // MATRYOSHKA_RATIO**j for j in range(MATRYOSHKA_LEVELS - 1, -1, -1)]
+    return sorted({m for m in sizes if m >= 1})
 
 
 @dataclass
@@ -32,7 +47,10 @@ class ModelConfig:
     d_in: int = 320
     n_latents: int = 10240
     k: int = 32
-    kind: str = "topk"  # "topk" (per-row top k) or "batchtopk" (top B*k over the batch)
+    # "topk" (per-row top k), "batchtopk" (top B*k over the batch), or their Matryoshka versions
+    # "matryoshka_topk" / "matryoshka_batchtopk" (every prefix of matryoshka_prefixes reconstructs)
+    kind: str = "topk"
+    matryoshka_prefixes: list[int] | None = None  # nested sizes m_1 < ... < m_G = n_latents; None = default_prefixes
     d_out: int | None = None  # transcoders: width of the target; None = an SAE (target = input)
     skip_connection: bool = False  # transcoders: add a learned linear map of the input
     normalize: str = "dataset"  # "dataset" (one scale to unit mean squared norm), "layernorm", "none"
@@ -58,6 +76,24 @@ class ModelConfig:
     @property
     def row_cap(self) -> int:
         return min(self.batchtopk_row_cap or 4 * self.k, self.n_latents)
+
+    @property
+    def batch_selection(self) -> bool:
+        """Whether the code is BatchTopK's (top B*k of the batch in training, a threshold at inference)."""
+        return self.kind in BATCH_KINDS
+
+    @property
+    def is_matryoshka(self) -> bool:
+        return self.kind in MATRYOSHKA_KINDS
+
+    @property
+    def prefixes(self) -> list[int]:
+        """The Matryoshka prefix sizes m_1 < ... < m_G = n_latents ([n_latents] for other kinds)."""
+        if not self.is_matryoshka:
+            return [self.n_latents]
+        if self.matryoshka_prefixes is None:
+            return default_prefixes(self.n_latents)
+        return list(self.matryoshka_prefixes)
 
 
 # Keys that [data] held before each source got its own table: old key -> new key.
@@ -175,15 +211,20 @@ class RunConfig:
             fail("model.d_out", m.d_out, "must be a positive integer or absent")
         if m.skip_connection and not m.is_transcoder:
             fail("model.skip_connection", True, "needs a transcoder (set model.d_out)")
-        if m.multi_topk and m.kind == "batchtopk":
+        if m.multi_topk and m.kind != "topk":
             fail("model.multi_topk", True, "is defined for model.kind = 'topk' (a fixed k per row); "
-                 "BatchTopK's L0 is set by its learned threshold at inference")
+                 "BatchTopK's L0 is set by its learned threshold at inference, and Matryoshka SAEs have their own nested losses")
+        if m.matryoshka_prefixes is not None:
+            if not m.is_matryoshka:
+                fail("model.matryoshka_prefixes", m.matryoshka_prefixes, f"needs a Matryoshka model.kind {list(MATRYOSHKA_KINDS)}")
+            if why := _prefix_problem(m.matryoshka_prefixes, m.n_latents):
+                fail("model.matryoshka_prefixes", m.matryoshka_prefixes, why)
         if m.batchtopk_row_cap is not None and not (isinstance(m.batchtopk_row_cap, int) and m.batchtopk_row_cap >= m.k):
             fail("model.batchtopk_row_cap", m.batchtopk_row_cap, f"must be an integer >= model.k = {m.k}, or absent")
         if m.k_aux is not None and not (isinstance(m.k_aux, int) and m.k_aux >= 1):
             fail("model.k_aux", m.k_aux, "must be a positive integer or absent")
         choices = {
-            "model.kind": (m.kind, ("topk", "batchtopk")),
+            "model.kind": (m.kind, KINDS),
             "model.normalize": (m.normalize, ("dataset", "layernorm", "none")),
             "model.b_dec_init": (m.b_dec_init, ("geometric_median", "mean", "zeros")),
             "data.source": (d.source, source_names()),
@@ -219,6 +260,20 @@ class RunConfig:
         if self.train.lr is not None:
             return self.train.lr
         return 2e-4 / (self.model.n_latents / 2**14) ** 0.5
+
+
+def _prefix_problem(prefixes: Any, n_latents: int) -> str | None:
+    """Why ``prefixes`` cannot be Matryoshka prefix sizes of n_latents latents (None: they can)."""
+    if not isinstance(prefixes, list) or not prefixes or any(
+            not isinstance(m, int) or isinstance(m, bool) for m in prefixes):
+        return "must be a non-empty list of integers"
+    if prefixes[0] < 1:
+        return "must be positive"
+    if any(b <= a for a, b in zip(prefixes, prefixes[1:])):
+        return "must be strictly increasing"
+    if prefixes[-1] != n_latents:
+        return f"must end at model.n_latents = {n_latents}"
+    return None
 
 
 def _dataclass_from(kind: type, values: dict[str, Any], table: str, origin: str) -> Any:

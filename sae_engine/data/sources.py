@@ -14,16 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .registry import SourceSpec
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
 
 
 class ActivationSource(Protocol):
@@ -219,12 +216,14 @@ class SyntheticOptions:
     tokens: int = 1_000_000  # training vectors; data.eval_tokens more are made for evaluation
 
 
-def _check_synthetic(options: SyntheticOptions, config: RunConfig) -> None:
+# The built-in sources' checks and builders take the run config as ``Any`` (it imports this
+# package; see registry.py).
+def _check_synthetic(options: SyntheticOptions, config: Any) -> None:
     if not isinstance(options.tokens, int) or options.tokens < 1:
         raise ConfigError(f"data.synthetic.tokens = {options.tokens!r}: must be a positive integer")
 
 
-def _build_synthetic(options: SyntheticOptions, config: RunConfig) -> SyntheticSource:
+def _build_synthetic(options: SyntheticOptions, config: Any) -> SyntheticSource:
     m = config.model
     return SyntheticSource(m.d_in + (m.d_out or 0), options.tokens + config.data.eval_tokens, seed=config.data.seed)
 
@@ -237,7 +236,7 @@ class ShardOptions:
     target_paths: list[str] = field(default_factory=list)  # transcoders: the targets, aligned with paths
 
 
-def _check_shards(options: ShardOptions, config: RunConfig) -> None:
+def _check_shards(options: ShardOptions, config: Any) -> None:
     if not options.paths:
         raise ConfigError(f"data.shards.paths = {options.paths!r}: source = 'shards' needs at least one .npy file")
     for key in ("paths", "target_paths"):
@@ -249,7 +248,7 @@ def _check_shards(options: ShardOptions, config: RunConfig) -> None:
                           f"shard per input shard ({len(options.paths)})")
 
 
-def _build_shards(options: ShardOptions, config: RunConfig) -> ActivationSource:
+def _build_shards(options: ShardOptions, config: Any) -> ActivationSource:
     m = config.model
     inputs = ShardSource(options.paths)
     if inputs.d != m.d_in:
