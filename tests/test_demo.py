@@ -41,21 +41,40 @@ def demo(tmp_path_factory):
 def test_demo_evaluates_every_family_beside_the_nulls(demo):
     out, summary = demo
     assert "fine-tuned" in summary["model"] and summary["proteins"] == 300
+    # trained apart from what it judges: no training protein is human, by accession or by sequence
+    from sae_engine.esm.fasta import read_fasta
+
+    human = list(read_fasta(data_dir() / "human.fasta"))
+    training = list(read_fasta(out / "training.fasta"))
+    assert len(training) == summary["training_corpus"]["proteins"] == 300
+    assert not {r.id for r in training} & {r.id for r in human}
+    assert not {r.sequence for r in training} & {r.sequence for r in human}
+    assert json.loads((out / "sae" / "config.json").read_text())["data"]["esm"]["store"] == str(out / "training_store")
     assert summary["training"]["sae"]["steps"] > 0 and summary["training"]["sae"]["eval_fvu"] < 1.0
     assert summary["training"]["protein_sae"]["steps"] > 0
     evaluation = summary["evaluation"]
     assert set(evaluation["families"]) == FAMILIES
-    assert set(evaluation["nulls"]) == {"random_directions", "composition", *(f"permuted_labels:{f}" for f in FAMILIES)}
+    assert set(evaluation["nulls"]) == {"random_directions", "composition", *(f"permuted_labels:{f}" for f in FAMILIES),
+                                        *(f"random_dictionary:{f}" for f in ("sae", "protein_sae", "neurons"))}
+    for name in ("sae", "protein_sae", "neurons"):  # a random dictionary of each family's own size
+        assert evaluation["nulls"][f"random_dictionary:{name}"]["units"] == evaluation["families"][name]["units"]
+        assert evaluation["random_dictionary"][name]["units"] == evaluation["families"][name]["units"]
     assert evaluation["families"]["neurons"]["units"] == 640 and evaluation["nulls"]["random_directions"]["units"] == 320
     assert evaluation["discovery_proteins"] + evaluation["heldout_proteins"] == 300
     for family in [*evaluation["families"].values(), *evaluation["nulls"].values()]:
         assert 0 <= family["passing"] <= family["units"] and family["distinct_terms"] <= family["passing"]
     # The calibration: no label-free null passes more than the floor allows. (Random directions
     # are a baseline, not part of the floor: in ESM2's space they find kinases and GPCRs too.)
-    label_free = [n["pass_share"] for name, n in evaluation["nulls"].items() if name != "random_directions"]
+    label_free = [n["pass_share"] for name, n in evaluation["nulls"].items()
+                  if name != "random_directions" and not name.startswith("random_dictionary:")]
     assert evaluation["nulls_within_limit"] and max(label_free) <= 0.05, evaluation["nulls"]
     assert evaluation["best_null_pass_share"] >= max(label_free)
     assert set(summary["matched"]) == {"sae vs neurons", "protein_sae vs neurons", "neurons_topk vs neurons"}
+    assert set(summary["matched_random"]) == set(summary["matched"])
+    subsets = summary["matched_random"]["sae vs neurons"]
+    # the 512 SAE latents whole, against five random 512-subsets of the 640 neurons
+    assert subsets["units_each"] == 512 and len(subsets["a"]["distinct_terms"]) == 1
+    assert len(subsets["b"]["distinct_terms"]) == 5 and subsets["a"]["distinct_terms_sd"] == 0.0
     assert json.loads((out / "summary.json").read_text()) == summary
     assert json.loads((out / "evaluation" / "evaluation.json").read_text()) == evaluation
     table = (out / "evaluation" / "units" / "sae.tsv").read_text().splitlines()
@@ -71,6 +90,7 @@ def test_report_renders_in_headless_chromium(demo, tmp_path):
     index = out / "report" / "index.html"
     text = index.read_text()
     assert "fine-tuned" in text and "null: composition" in text and "At matched counts" in text
+    assert "Random subsets of the larger family" in text and "random dictionary of the same size" in text
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (bash .ci/install installs it as root)")

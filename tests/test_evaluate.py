@@ -325,3 +325,128 @@ def test_sparse_composition_units_rarely_pass_on_real_human_proteins(tmp_path):
     result = evaluate_units(units, built, residualize, top_n=20)
     assert (result.frequency > 0.01).all() and (result.frequency < 0.51).all()
     assert result.passes.sum() <= 10, result.passes.sum()
+
+
+# ------------------------------------------------------------ flat concept sets and fair baselines
+
+
+def _family_table(path: Path) -> Path:
+    """A flat table (accession, family) of the fixture's three families, by their GO term."""
+    families = {"GO:0004984": "olfactory_receptor", "GO:0003735": "ribosomal_protein", "GO:0004672": "kinase"}
+    rows = []
+    for line in (GO / "annotations.tsv").read_text().splitlines():
+        accession, _, term = line.partition("\t")
+        if term in families:
+            rows.append(f"{accession}\t{families[term]}\n")
+    path.write_text("accession\tfamily\n# derived from the GO fixture\n" + "".join(sorted(set(rows))))
+    return path
+
+
+def test_a_flat_concept_set_is_judged_by_the_same_protocol(data, tmp_path):
+    from sae_engine.evaluation.concepts import flat_concepts
+    from sae_engine.evaluation.pipeline import Protocol
+
+    ids, sequences, labels = data
+    concepts = flat_concepts(_family_table(tmp_path / "families.tsv"), ids)
+    assert concepts.flat and sorted(concepts.ids) == ["kinase", "olfactory_receptor", "ribosomal_protein"]
+    assert concepts.ancestors.toarray().tolist() == np.eye(3, dtype=bool).tolist()
+    protocol = Protocol(sequences, concepts.annotations, concepts.namespace, concepts.ancestors, SETTINGS, flat=True)
+    assert protocol.labels.testable.all() and protocol.labels.in_background.all()  # unlabelled: true negatives
+    acts, terms = _planted(labels)  # units planted on the GO terms that define the families
+    result = protocol.units(acts)
+    assert result.passes.all()
+    assert [concepts.ids[t] for t in result.term[::8]] == ["olfactory_receptor", "ribosomal_protein", "kinase"]
+    # (composition units are checked on the real Pfam table below: in this fixture composition alone
+    # tells the three families apart, see test_sparse_composition_units_rarely_pass_on_real_human_proteins)
+    # a flat set's unit table names its columns concept_*, and its one namespace
+    from sae_engine.evaluation.summary import write_unit_table
+
+    write_unit_table(tmp_path / "units.tsv", result, concepts)
+    lines = (tmp_path / "units.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[3:6] == ["concept_id", "concept_name", "namespace"]
+    assert lines[1].split("\t")[3:6] == ["olfactory_receptor", "olfactory_receptor", "labels"]
+
+
+def test_a_bad_flat_table_names_the_file_and_line(data, tmp_path):
+    from sae_engine.evaluation.concepts import ConceptError, flat_concepts
+
+    ids = data[0]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("accession\tfamily\nP12345\tPF00001\nP23456\n")
+    with pytest.raises(ConceptError, match=f"{bad}:3: expected accession<TAB>label"):
+        flat_concepts(bad, ids)
+    other = tmp_path / "other.tsv"
+    other.write_text("X00001\tPF00001\n")
+    with pytest.raises(ConceptError, match="none of the 279 evaluated proteins has a label"):
+        flat_concepts(other, ids)
+
+
+def test_cli_takes_a_flat_table_and_random_dictionaries_of_each_family_size(data, tmp_path, capsys):
+    from sae_engine.cli import main
+
+    ids, _, labels = data
+    acts, _ = _planted(labels)
+    unit_file = _save(tmp_path / "planted.npz", ids, acts)
+    code = main(["evaluate", "--units", f"planted={unit_file}", "--fasta", str(GO / "population.fasta"),
+                 "--annotations", str(_family_table(tmp_path / "families.tsv")), "--max-term-share", "0.25",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert summary["families"]["planted"]["distinct_terms"] == 3
+    assert (tmp_path / "out" / "units" / "planted.tsv").read_text().startswith("unit\tfrequency\tr2\tconcept_id")
+    code = main(["evaluate", "--units", f"planted={unit_file}", "--fasta", str(GO / "population.fasta"),
+                 "--annotations", str(GO / "annotations.tsv"), "--ontology", str(GO / "go_subset.obo"),
+                 "--random-dictionaries", "--out", str(tmp_path / "out2")])
+    assert code == 2 and "--random-dictionaries needs the activation store" in capsys.readouterr().err
+
+
+def test_random_dictionaries_are_baselines_not_the_floor_and_random_subsets_are_seeded(data):
+    from sae_engine.evaluation import random_subset_comparison
+
+    ids, sequences, labels = data
+    acts, _ = _planted(labels)
+    noise = np.maximum(np.random.default_rng(7).standard_normal((len(ids), 60)), 0)
+    result = evaluate({"planted": acts, "noise": noise}, ids, sequences, labels.annotations, labels.ontology.namespace,
+                      labels.ancestors, SETTINGS, log=lambda message: None,
+                      random_dictionaries={"planted": acts[:, ::-1] * 0 + noise[:, :24], "noise": noise[:, ::-1]})
+    summary = summarize(result, labels.ontology)
+    assert {"random_dictionary:planted", "random_dictionary:noise"} <= set(summary["nulls"])
+    assert summary["nulls"]["random_dictionary:planted"]["units"] == 24
+    assert not summary["false_pass_null"].startswith("random_dictionary")
+    fair = summary["random_dictionary"]["planted"]
+    assert fair["units"] == 24 and fair["distinct_terms"] >= 3 and fair["baseline_distinct_terms"] == 0
+    with pytest.raises(ValueError, match="unknown families"):
+        evaluate({"planted": acts}, ids, sequences, labels.annotations, labels.ontology.namespace, labels.ancestors,
+                 SETTINGS, log=lambda message: None, random_dictionaries={"other": noise})
+    a, b = result.families["noise"], result.families["planted"]  # 60 units against 24
+    comparison = random_subset_comparison(a, b, draws=4, seed=1)
+    assert comparison == random_subset_comparison(a, b, draws=4, seed=1)
+    assert comparison["units_each"] == 24 and len(comparison["a"]["pass_share"]) == 4
+    assert comparison["b"]["pass_share"] == [float(b.passes.mean())] and comparison["b"]["pass_share_sd"] == 0.0
+    assert comparison["b"]["distinct_terms_mean"] >= 3 and comparison["a"]["distinct_terms_mean"] == 0
+
+
+@pytest.mark.skipif(not PREPARED, reason="real data not prepared: run `sae-engine data prepare`")
+def test_units_planted_on_real_pfam_families_pass_and_composition_units_do_not():
+    """The prepared human Pfam table as a flat concept set, on 2,000 sampled human proteins."""
+    from sae_engine.apps.demo import sample_proteins
+    from sae_engine.evaluation.concepts import flat_concepts
+    from sae_engine.evaluation.pipeline import Protocol
+
+    root = data_dir()
+    sample = sample_proteins(root / "human.fasta", 2000, seed=8)
+    ids, sequences = [r.id for r in sample], [r.sequence for r in sample]
+    concepts = flat_concepts(root / "human_pfam.tsv", ids, "pfam")
+    protocol = Protocol(sequences, concepts.annotations, concepts.namespace, concepts.ancestors, Settings(), flat=True)
+    testable = np.flatnonzero(protocol.labels.testable)
+    assert testable.size >= 20
+    sizes = np.asarray(concepts.annotations[:, testable].sum(axis=0)).ravel()
+    chosen = testable[np.argsort(-sizes, kind="stable")[:10]]
+    rng = np.random.default_rng(9)
+    n = len(ids)
+    planted = np.stack([np.where(concepts.annotations[:, t].toarray().ravel(), rng.uniform(0.8, 1.2, n),
+                                 (rng.random(n) < 0.05) * rng.uniform(0, 0.5, n)) for t in chosen for _ in range(3)], 1)
+    result = protocol.units(planted)
+    assert result.passes.mean() >= 0.9, result.passes.mean()
+    assert set(result.term[result.passes]) <= set(chosen)
+    assert protocol.composition().passes.mean() <= 0.05

@@ -138,3 +138,33 @@ def test_loading_another_file_names_it(tmp_path, content):
         path.write_text("ids\tvalues\n")
     with pytest.raises(ValueError, match=f"{path}: .*ProteinActivations"):
         ProteinActivations.load(path)
+
+
+def test_random_dictionaries_pool_like_the_family_and_reach_evaluate(trained, tmp_path, capsys):
+    """pool_dense's max alone equals pooled_dense's; a random dictionary of a family's size is
+    drawn in the store's space and reported by ``sae-engine evaluate --random-dictionaries``."""
+    import json
+
+    from sae_engine.cli import main
+    from sae_engine.evaluation.features import pool_dense, pooled_dense
+    from sae_engine.evaluation.nulls import random_dictionary, random_dictionary_in_store
+
+    store = trained / "store"
+    transform = random_dictionary(48, 32, seed=3)
+    ids, maxima, frac = pool_dense(store, 1, transform, 48, batch_rows=100, fraction=False)
+    assert frac is None and maxima.shape == (30, 48)
+    np.testing.assert_array_equal(maxima, pooled_dense(store, 1, transform, 48, batch_rows=100).max.toarray())
+    again_ids, again = random_dictionary_in_store(store, 1, 48, seed=3)
+    assert again_ids == ids and np.array_equal(again, maxima)
+    acts = protein_activations(store, 1, neuron_code, 32)
+    acts.save(tmp_path / "neurons.npz")
+    g = np.random.default_rng(5)
+    (tmp_path / "labels.tsv").write_text("".join(f"{p}\tL{g.integers(3)}\n" for p in acts.ids))
+    code = main(["evaluate", "--units", f"neurons={tmp_path / 'neurons.npz'}", "--fasta", str(trained / "proteins.fasta"),
+                 "--annotations", str(tmp_path / "labels.tsv"), "--store", str(store), "--layer", "1",
+                 "--random-dictionaries", "--max-term-share", "0.5", "--top-n", "5", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert summary["nulls"]["random_dictionary:neurons"]["units"] == 32
+    assert summary["random_dictionary"]["neurons"]["units"] == 32
+    assert (tmp_path / "out" / "units" / "null_random_dictionary_neurons.tsv").exists()

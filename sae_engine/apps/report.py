@@ -179,12 +179,26 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
     matched = "".join(f"<li>{html.escape(pair)} ({m['units_each']} units each): pass share "
                       f"{100 * m['a']['pass_share']:.1f}% vs {100 * m['b']['pass_share']:.1f}%, distinct terms "
                       f"{m['a']['distinct_terms']} vs {m['b']['distinct_terms']}</li>" for pair, m in summary["matched"].items())
+    matched_random = "".join(
+        f"<li>{html.escape(pair)} ({r['units_each']} units each, {r['draws']} draws): pass share "
+        f"{100 * r['a']['pass_share_mean']:.1f}% &plusmn; {100 * r['a']['pass_share_sd']:.1f} vs "
+        f"{100 * r['b']['pass_share_mean']:.1f}% &plusmn; {100 * r['b']['pass_share_sd']:.1f}, distinct terms "
+        f"{r['a']['distinct_terms_mean']:.1f} &plusmn; {r['a']['distinct_terms_sd']:.1f} vs "
+        f"{r['b']['distinct_terms_mean']:.1f} &plusmn; {r['b']['distinct_terms_sd']:.1f}</li>"
+        for pair, r in summary.get("matched_random", {}).items())
+    own_size = "".join(
+        f"<li>{html.escape(name)} ({c['units']} units): distinct terms {c['distinct_terms']} vs "
+        f"{c['baseline_distinct_terms']} for a random dictionary of its size, pass share {100 * c['pass_share']:.1f}% "
+        f"vs {100 * c['baseline_pass_share']:.1f}%</li>" for name, c in evaluation.get("random_dictionary", {}).items())
     training = summary["training"]["sae"]
     floor_state = "within" if evaluation["nulls_within_limit"] else "above"
     body = (
         f"<h1>sae-engine demo report</h1><p>{html.escape(summary['model'])}</p>"
         f"<p>{summary['proteins']} human proteins (a seeded random sample of 50-1000 residues; "
-        f"{evaluation['discovery_proteins']} for discovery, {evaluation['heldout_proteins']} held out). Residue-level "
+        f"{evaluation['discovery_proteins']} for discovery, {evaluation['heldout_proteins']} held out). "
+        + (f"The SAEs trained on {summary['training_corpus']['proteins']} other Swiss-Prot proteins (none shares an "
+           "accession or a sequence with a human protein). " if "training_corpus" in summary else "")
+        + f"Residue-level "
         f"SAE: {training.get('steps')} steps, held-out FVU {training.get('eval_fvu', float('nan')):.3f}, dead latents "
         f"{100 * training.get('dead_fraction', 0):.1f}%.</p>"
         "<h2>Held-out, controlled GO evaluation</h2>"
@@ -198,7 +212,13 @@ def build_report(demo_dir: Path, data_dir: Path, layer: int, features: int = 50)
         "last column compares every family with the best null, random directions included.</p>"
         + _family_table(evaluation)
         + "<img src='pass.png' alt='pass share and distinct terms per family'>"
-        + f"<h2>At matched counts</h2><p>Equal-size subsets matched by activation frequency.</p><ul>{matched}</ul>"
+        + (f"<h2>Against a random dictionary of the same size</h2><p>Random unit directions of the activation "
+           f"space, as many as the family has units, ReLU'd and pooled as the family is.</p><ul>{own_size}</ul>"
+           if own_size else "")
+        + f"<h2>At matched counts</h2><p>Equal-size subsets matched by activation frequency (which picks a "
+          f"sparse family's densest units):</p><ul>{matched}</ul>"
+        + (f"<p>Random subsets of the larger family (mean &plusmn; sd over the draws):</p><ul>{matched_random}</ul>"
+           if matched_random else "")
         + "<h2>Training</h2><img src='curves.png' alt='training curves' style='max-width:100%'>"
         + "<h2>Passing SAE features</h2><p>Ordered by held-out F1; one feature per GO term, with the number of "
           "other passing features whose best term is the same.</p>"

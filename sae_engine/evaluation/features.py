@@ -86,7 +86,7 @@ def protein_activations(
         windows_of.setdefault(window["shard"], []).append(window)
     ids: list[str] = []
     protein_of: dict[str, int] = {}
-    keys, values, rows_per_protein = [], [], np.zeros(0, dtype=np.int64)
+    keys, values, counts, rows_per_protein = [], [], [], np.zeros(0, dtype=np.int64)
     for shard_path, shard in zip(store.shard_paths(layer), store.manifest["shards"]):
         array = np.load(shard_path, mmap_mode="r")
         owner = np.empty(shard["rows"], dtype=np.int64)
@@ -102,24 +102,33 @@ def protein_activations(
             v, i = (t.cpu().numpy() for t in code(batch))
             fired = (v > 0) & (i >= 0)
             rows = np.broadcast_to(owner[lo : lo + len(batch), None], i.shape)
-            keys.append(rows[fired] * n_features + i[fired])
-            values.append(v[fired].astype(np.float32))
+            # reduce each batch to one entry per (protein, feature) at once: the entries kept are
+            # about P x (distinct features per protein), not residues x k
+            key, value, count = _reduce_pairs(rows[fired] * n_features + i[fired], v[fired].astype(np.float32),
+                                              np.ones(int(fired.sum()), dtype=np.int64))
+            keys.append(key), values.append(value), counts.append(count)
     key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
     value = np.concatenate(values) if values else np.zeros(0, np.float32)
-    order = np.argsort(key, kind="stable")
-    key, value = key[order], value[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
-    unique = key[starts]
+    count = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    unique, maxima, count = _reduce_pairs(key, value, count)  # proteins that straddle batches
     protein, feature = unique // n_features, unique % n_features
     shape = (len(ids), n_features)
-    maxima = np.maximum.reduceat(value, starts) if len(key) else value
-    counts = np.diff(np.r_[starts, len(key)])
-    frac = counts / rows_per_protein[protein]
+    frac = count / rows_per_protein[protein]
     return ProteinActivations(
         ids,
         sp.csr_matrix((maxima, (protein, feature)), shape=shape, dtype=np.float32),
         sp.csr_matrix((frac.astype(np.float32), (protein, feature)), shape=shape, dtype=np.float32),
     )
+
+
+def _reduce_pairs(key: np.ndarray, value: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries ``[m]`` with repeated keys -> sorted unique keys, the max value and the summed count of each."""
+    if not key.size:
+        return key, value, count
+    order = np.argsort(key, kind="stable")
+    key, value, count = key[order], value[order], count[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return key[starts], np.maximum.reduceat(value, starts), np.add.reduceat(count, starts)
 
 
 def _windows(store_dir: str | Path, layer: int, batch_rows: int):
@@ -156,23 +165,65 @@ def _windows(store_dir: str | Path, layer: int, batch_rows: int):
     return ids, batches()
 
 
+def pool_dense(store_dir: str | Path, layer: int, transform: Callable[[torch.Tensor], torch.Tensor],
+               n_units: int, batch_rows: int = 8192, fraction: bool = True
+               ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Per-protein max and firing fraction of a dense per-vector transform, as dense arrays.
+
+    transform maps vectors ``[r, d]`` to activations ``[r, n_units]``, ReLU'd (<= 0 is "off",
+    so 0 is where every maximum starts). Returns (protein ids in store order, max ``[P, n_units]``
+    float32, fraction ``[P, n_units]`` float32 or None when ``fraction`` is False).
+
+    Each batch of whole windows is reduced window by window over its contiguous rows (``amax``
+    and a count of positives on a ``[rows, n_units]`` slice that stays in cache), then added to
+    its protein's row; a protein cut into several windows gets the max and the sum over them.
+    No per-element scatter and no ``[r, n_units]`` temporaries beyond the transform's own
+    output. Measured on a 2-core Zen 4 (4,096 random directions, 845k residues): 1.5x the time of
+    the transform's GEMM with the fraction, 1.3x for the max alone (``fraction=False``, what the
+    evaluation reads); the scatter-based pooling before took 2.5x.
+    """
+    ids, batches = _windows(store_dir, layer, batch_rows)
+    maxima = torch.zeros(len(ids), n_units)
+    fired = torch.zeros(len(ids), n_units) if fraction else None
+    rows = np.zeros(len(ids), dtype=np.float64)
+    ones = torch.ones(0)
+    for protein, starts, x in batches:
+        y = transform(torch.from_numpy(x))
+        ends = np.r_[starts[1:], len(x)]
+        window_max = torch.empty(len(starts), n_units, dtype=y.dtype)
+        window_fired = torch.empty(len(starts), n_units) if fraction else None
+        if fraction and len(ones) < len(x):
+            ones = torch.ones(len(x))
+        for w, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist())):
+            part = y[lo:hi]
+            torch.amax(part, dim=0, out=window_max[w])
+            if window_fired is None:
+                continue
+            if part.dtype == torch.float32:  # ReLU'd, so sign() is 0 or 1: a vector-matrix product counts in cache
+                torch.mv(torch.sign(part).T, ones[: hi - lo], out=window_fired[w])
+            else:  # bf16 sums would round counts above 256
+                window_fired[w] = (part > 0).sum(dim=0)
+        index = torch.from_numpy(protein)
+        if np.unique(protein).size == protein.size:  # the common case: each protein once in the batch
+            maxima[index] = torch.maximum(maxima[index], window_max.float())
+        else:  # a protein cut into several windows: reduce, never overwrite (maxima start at 0)
+            maxima.scatter_reduce_(0, index[:, None].expand(-1, n_units), window_max.float(), "amax")
+        if fired is not None:
+            fired.index_add_(0, index, window_fired)
+        np.add.at(rows, protein, ends - starts)
+    frac = (fired / torch.from_numpy(np.maximum(rows, 1)).float()[:, None]).numpy() if fired is not None else None
+    return ids, maxima.numpy(), frac
+
+
 def pooled_dense(store_dir: str | Path, layer: int, transform: Callable[[torch.Tensor], torch.Tensor],
                  n_units: int, batch_rows: int = 8192) -> ProteinActivations:
     """Per-protein max and firing fraction of a dense per-vector transform (ESM2 neurons, random
     directions): the pooling of :func:`protein_activations` without listing every (row, unit) pair.
 
     transform maps vectors ``[r, d]`` to activations ``[r, n_units]`` (ReLU'd: <= 0 is "off").
+    See :func:`pool_dense`, which this stores sparse.
     """
-    ids, batches = _windows(store_dir, layer, batch_rows)
-    maxima = np.zeros((len(ids), n_units), dtype=np.float32)
-    fired = np.zeros((len(ids), n_units), dtype=np.float64)
-    rows = np.zeros(len(ids), dtype=np.float64)
-    for protein, starts, x in batches:
-        y = transform(torch.from_numpy(x)).float().numpy()
-        np.maximum.at(maxima, protein, np.maximum.reduceat(y, starts, axis=0))
-        np.add.at(fired, protein, np.add.reduceat((y > 0).astype(np.float32), starts, axis=0))
-        np.add.at(rows, protein, np.diff(np.r_[starts, len(x)]))
-    frac = (fired / np.maximum(rows, 1)[:, None]).astype(np.float32)
+    ids, maxima, frac = pool_dense(store_dir, layer, transform, n_units, batch_rows)
     return ProteinActivations(ids, sp.csr_matrix(maxima), sp.csr_matrix(frac))
 
 

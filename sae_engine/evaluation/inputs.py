@@ -137,3 +137,24 @@ def load_random_directions(store: Path, layer: int, ids: Sequence[str], seed: in
         raise EvaluationInputError(f"--store {store}: {len(missing)} of the evaluated proteins are not in the store "
                                    f"(first: {missing[:5]})")
     return acts.max.tocsr()[[row[p] for p in ids]]
+
+
+def load_random_dictionaries(store: Path, layer: int, ids: Sequence[str], sizes: dict[str, int], seed: int
+                             ) -> dict[str, np.ndarray]:
+    """Per family, ``[P, units]`` max activations of a random dictionary of its size in the store's
+    space (:func:`.nulls.random_dictionary_in_store`), rows aligned to ``ids``; one per distinct size."""
+    from .nulls import random_dictionary_in_store
+
+    drawn: dict[int, np.ndarray] = {}
+    for size in sorted(set(sizes.values())):
+        try:
+            store_ids, maxima = random_dictionary_in_store(store, layer, size, seed)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise EvaluationInputError(f"--store {store} --layer {layer}: {error}") from error
+        row = {protein: i for i, protein in enumerate(store_ids)}
+        missing = [p for p in ids if p not in row]
+        if missing:
+            raise EvaluationInputError(f"--store {store}: {len(missing)} of the evaluated proteins are not in the "
+                                       f"store (first: {missing[:5]})")
+        drawn[size] = maxima[[row[p] for p in ids]]
+    return {name: drawn[size] for name, size in sizes.items()}

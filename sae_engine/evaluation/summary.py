@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..go.ontology import NAMESPACES, Ontology
-from .pipeline import NULL_FLOOR, RANDOM_DIRECTIONS, Evaluation
+from .pipeline import NULL_FLOOR, RANDOM_DICTIONARY, Evaluation, is_baseline
 from .units import UnitResults
 
 TABLE_COLUMNS = ("unit", "frequency", "r2", "go_id", "go_name", "namespace", "discovery_p", "discovery_q",
@@ -44,15 +44,17 @@ def summarize(evaluation: Evaluation, ontology: Ontology | None = None) -> dict:
 
     The false-pass floor is the best pass share among the nulls that know nothing but length,
     composition or shuffled labels (composition, permuted labels); it must stay within
-    ``floor_limit``. Random directions are reported beside them and enter ``best_null`` (what
-    each family is compared with), not the floor: a random direction of the activation space
-    knows what that space knows (ESM2's, protein families included), so it is the baseline of
-    a random dictionary rather than a false pass.
+    ``floor_limit``. Random directions and random dictionaries are reported beside them and
+    enter ``best_null`` (what each family is compared with), not the floor: a random direction
+    of the activation space knows what that space knows (ESM2's, protein families included), so
+    it is the baseline of a random dictionary rather than a false pass. ``random_dictionary``
+    gives, per family that has one, its distinct concepts and pass share against a random
+    dictionary of its own size.
     """
     settings = evaluation.settings
     families = {name: family_summary(r, ontology) for name, r in evaluation.families.items()}
     nulls = {name: family_summary(r, ontology) for name, r in evaluation.nulls.items()}
-    label_free = {name: s for name, s in nulls.items() if name != RANDOM_DIRECTIONS}
+    label_free = {name: s for name, s in nulls.items() if not is_baseline(name)}
     floor_null = max(label_free, key=lambda name: label_free[name]["pass_share"]) if label_free else None
     floor = label_free[floor_null]["pass_share"] if floor_null else 0.0
     best_null = max(nulls, key=lambda name: nulls[name]["pass_share"]) if nulls else None
@@ -75,7 +77,17 @@ def summarize(evaluation: Evaluation, ontology: Ontology | None = None) -> dict:
         "best_null": best_null,
         "best_null_pass_share": best,
         "pass_share_minus_best_null": {name: s["pass_share"] - best for name, s in families.items()},
+        "random_dictionary": {name: _against(families[name], nulls[f"{RANDOM_DICTIONARY}:{name}"])
+                              for name in families if f"{RANDOM_DICTIONARY}:{name}" in nulls},
     }
+
+
+def _against(family: dict, baseline: dict) -> dict:
+    """A family beside a baseline of its own size: both counts and the ratio of distinct concepts."""
+    ratio = family["distinct_terms"] / baseline["distinct_terms"] if baseline["distinct_terms"] else None
+    return {"units": family["units"], "distinct_terms": family["distinct_terms"], "pass_share": family["pass_share"],
+            "baseline_distinct_terms": baseline["distinct_terms"], "baseline_pass_share": baseline["pass_share"],
+            "distinct_terms_ratio": ratio}
 
 
 def matched_subsets(frequency_a: np.ndarray, frequency_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,17 +129,48 @@ def matched_comparison(a: UnitResults, b: UnitResults) -> dict:
     return {"units_each": int(ia.size), "a": part(a, ia), "b": part(b, ib)}
 
 
+def random_subset_comparison(a: UnitResults, b: UnitResults, draws: int = 5, seed: int = 0) -> dict:
+    """Pass share and distinct terms of ``a`` and ``b`` at equal counts, by random subsets.
+
+    The larger family is cut to the smaller one's size by ``draws`` seeded random subsets
+    (uniform, without replacement); the smaller family enters whole. Each side gets the mean
+    and standard deviation over the draws (0 for the whole family) and the values per draw.
+    Unlike :func:`matched_comparison`, which pairs units of similar activation frequency (and so
+    picks a sparse family's densest units), this compares what a random unit set of each size holds.
+    """
+    size = min(len(a), len(b))
+    rng = np.random.default_rng(seed)
+
+    def side(r: UnitResults) -> dict:
+        subsets = ([np.sort(rng.choice(len(r), size=size, replace=False)) for _ in range(draws)]
+                   if len(r) > size else [np.arange(len(r))])
+        share = np.array([r.passes[idx].mean() if idx.size else 0.0 for idx in subsets])
+        terms = np.array([np.unique(r.term[idx][r.passes[idx]]).size for idx in subsets])
+        return {"pass_share_mean": float(share.mean()), "pass_share_sd": float(share.std()),
+                "distinct_terms_mean": float(terms.mean()), "distinct_terms_sd": float(terms.std()),
+                "pass_share": share.tolist(), "distinct_terms": terms.tolist()}
+
+    return {"units_each": int(size), "draws": draws, "seed": seed, "a": side(a), "b": side(b)}
+
+
 def _format(value: float) -> str:
     return f"{value:.6g}"
 
 
 def write_unit_table(path: Path, results: UnitResults, ontology: Ontology) -> None:
-    """One TSV row per unit (:data:`TABLE_COLUMNS`), written atomically."""
-    lines = ["\t".join(TABLE_COLUMNS)]
+    """One TSV row per unit (:data:`TABLE_COLUMNS`), written atomically.
+
+    ``ontology`` is a GO :class:`Ontology` or a :class:`.concepts.ConceptSet` (ids, names,
+    namespace, namespaces); a flat concept set names its columns ``concept_id``, ``concept_name``.
+    """
+    namespaces = getattr(ontology, "namespaces", NAMESPACES)
+    columns = TABLE_COLUMNS if not getattr(ontology, "flat", False) else tuple(
+        c.replace("go_", "concept_") for c in TABLE_COLUMNS)
+    lines = ["\t".join(columns)]
     for u in range(len(results)):
         t = int(results.term[u])
         has = t >= 0
-        term_cells = [ontology.ids[t], ontology.names[t], NAMESPACES[ontology.namespace[t]]] if has else ["", "", ""]
+        term_cells = [ontology.ids[t], ontology.names[t], namespaces[ontology.namespace[t]]] if has else ["", "", ""]
         numbers = ([_format(math.exp(results.discovery_log_p[u])), _format(math.exp(results.discovery_log_q[u])),
                     _format(results.threshold[u]), _format(results.discovery_f1[u]), _format(results.heldout_f1[u]),
                     _format(math.exp(results.heldout_log_q[u]))] if has else [""] * 6)
@@ -175,4 +218,9 @@ def headline(summary: dict) -> list[str]:
     lines.append(f"false-pass floor (composition and permuted-label nulls; highest: {summary['false_pass_null']}): "
                  f"{100 * summary['false_pass_floor']:.1f}%, {state} the {100 * summary['floor_limit']:.0f}% limit")
     lines.append(f"best null: {summary['best_null']} at {100 * best:.1f}%")
+    for name, c in summary.get("random_dictionary", {}).items():
+        ratio = f"{c['distinct_terms_ratio']:.2f}x" if c["distinct_terms_ratio"] is not None else "-"
+        lines.append(f"{name} against a random dictionary of its size ({c['units']} units): distinct terms "
+                     f"{c['distinct_terms']} vs {c['baseline_distinct_terms']} ({ratio}), pass "
+                     f"{100 * c['pass_share']:.1f}% vs {100 * c['baseline_pass_share']:.1f}%")
     return lines

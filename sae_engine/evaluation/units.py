@@ -44,16 +44,19 @@ _CHUNK_BYTES = 64 << 20  # dense [P, units] float64 per chunk of units
 
 @dataclass(frozen=True)
 class Labels:
-    """GO labels of the evaluated proteins and what the tests derive from them.
+    """Concept labels (GO terms, or a flat set such as Pfam families) of the evaluated proteins
+    and what the tests derive from them.
 
     Attributes:
         annotations: ``[P, T]`` bool CSR, propagated; rows are the evaluated proteins.
         term_namespace: ``[T]`` int index into NAMESPACES.
         ancestors: ``[T, T]`` bool ancestor closure (``enrich_features`` flags most specific terms with it).
-        in_background: ``[P, 3]`` bool: the protein has an annotation in the namespace.
+        in_background: ``[P, namespaces]`` bool: the protein has an annotation in the namespace.
         testable: ``[T]`` bool: terms with ``min_term..max_term`` annotated discovery background
             proteins, and at most ``max_term_share`` of that background.
         by_term: ``annotations`` as CSC, for gathering the columns of chosen terms.
+        whole_background: every protein is in every namespace's background (a flat concept
+            set: a protein without a label in the table has none of its concepts).
     """
 
     annotations: sp.csr_matrix
@@ -62,26 +65,33 @@ class Labels:
     in_background: np.ndarray
     testable: np.ndarray
     by_term: sp.csc_matrix
+    whole_background: bool = False
 
     @classmethod
     def build(cls, annotations: sp.spmatrix, term_namespace: np.ndarray, ancestors: sp.spmatrix,
               discovery: np.ndarray, min_term: int = MIN_TERM, max_term: int = MAX_TERM,
-              max_term_share: float = MAX_TERM_SHARE) -> Labels:
+              max_term_share: float = MAX_TERM_SHARE, whole_background: bool = False) -> Labels:
         ann = sp.csr_matrix(annotations, dtype=bool)
         n_terms = ann.shape[1]
+        term_namespace = np.asarray(term_namespace)
+        # GO's three namespaces; a flat concept set uses namespace 0 only
+        n_namespaces = max(len(NAMESPACES), int(term_namespace.max()) + 1 if n_terms else 1)
         onehot = sp.csr_matrix((np.ones(n_terms, dtype=np.int32), (np.arange(n_terms), term_namespace)),
-                               shape=(n_terms, len(NAMESPACES)))
+                               shape=(n_terms, n_namespaces))
         in_background = (ann.astype(np.int32) @ onehot).toarray() > 0
+        if whole_background:
+            in_background[:] = True
         discovery_count = np.asarray(ann[np.flatnonzero(discovery)].sum(axis=0)).ravel()
         background = in_background[discovery].sum(axis=0)[term_namespace]  # [T]
         testable = (discovery_count >= min_term) & (discovery_count <= np.minimum(max_term, max_term_share * background))
-        return cls(ann, np.asarray(term_namespace), sp.csr_matrix(ancestors), in_background, testable, ann.tocsc())
+        return cls(ann, np.asarray(term_namespace), sp.csr_matrix(ancestors), in_background, testable, ann.tocsc(),
+                   whole_background)
 
     def permuted(self, source: np.ndarray, discovery: np.ndarray, min_term: int = MIN_TERM, max_term: int = MAX_TERM,
                  max_term_share: float = MAX_TERM_SHARE) -> Labels:
         """The labels with protein ``i`` given the annotations of protein ``source[i]``."""
         return Labels.build(self.annotations[source], self.term_namespace, self.ancestors, discovery, min_term,
-                            max_term, max_term_share)
+                            max_term, max_term_share, self.whole_background)
 
 
 @dataclass(frozen=True)
@@ -174,7 +184,7 @@ def _best_terms(study: sp.csr_matrix, labels: Labels, rows: np.ndarray, alpha: f
     n_units = study.shape[0]
     ann = labels.annotations[rows]
     found = []
-    for ns in range(len(NAMESPACES)):
+    for ns in range(labels.in_background.shape[1]):
         terms = labels.testable & (labels.term_namespace == ns)
         if not terms.any():
             continue
