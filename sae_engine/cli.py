@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("sae_engine.evaluation.features", "per-protein feature activations (SAE or ESM2 neurons)"),
     "enrich": ("sae_engine.go.enrich", "GO over-representation of many study sets (features) at once"),
     "demo": ("sae_engine.apps.demo", "the whole pipeline on real human proteins, against ESM2 neurons"),
+    "study": ("sae_engine.apps.study", "SAEs trained apart from the proteins they are judged on, over data scales"),
     "evaluate": ("sae_engine.evaluation", "held-out, length- and composition-controlled GO evaluation of unit families"),
     "describe": ("sae_engine.apps.describe", "LLM descriptions of a demo's features, scored on held-out proteins"),
     "export": ("sae_engine.interop.commands", "a run's weights as one file, or for SAELens / sparsify / dictionary_learning"),
