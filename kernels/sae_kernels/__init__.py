@@ -12,6 +12,11 @@ Both functions are differentiable (torch autograd), run through ``torch.library`
 (``torch.compile`` traces through them), and never build a ``[B, n]`` tensor outside the
 ``impl="reference"`` oracle. ``sae_kernels.jax`` offers the same two functions for JAX.
 
+For the other SAE kinds: ``prefix_decode`` gives a Matryoshka SAE's partial reconstructions of
+every nested prefix ``[G, B, d]`` in one pass, and ``threshold_encode`` a JumpReLU SAE's code
+(active latents per row up to a cap, exact counts, overflow flags, and the pre-activations in
+a band around each threshold for its pseudo-gradient). Both exist in ``sae_kernels.jax`` too.
+
 ``impl="triton"`` runs the Triton kernels compiled on CUDA tensors and under Triton's
 interpreter on CPU tensors, chosen per call; importing this package changes nothing in the
 process's environment.
@@ -20,8 +25,13 @@ from .ops import (
     DecodeGrads,
     EncodeGrads,
     RowSparseGrad,
+    ThresholdCode,
+    prefix_decode,
+    prefix_decode_backward,
     sparse_decode,
     sparse_decode_backward,
+    threshold_encode,
+    threshold_encode_backward,
     topk_encode,
     topk_encode_backward,
 )
@@ -34,8 +44,13 @@ __all__ = [
     "DecodeGrads",
     "EncodeGrads",
     "RowSparseGrad",
+    "ThresholdCode",
+    "prefix_decode",
+    "prefix_decode_backward",
     "sparse_decode",
     "sparse_decode_backward",
+    "threshold_encode",
+    "threshold_encode_backward",
     "topk_encode",
     "topk_encode_backward",
 ]

@@ -103,6 +103,39 @@ def _segment_spec(dtype: torch.dtype) -> KernelSpec:
     )
 
 
+def _prefix_decode_spec(dtype: torch.dtype) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    return KernelSpec(
+        label="prefix_decode",
+        kernel=tk._prefix_decode_kernel,
+        signature={"V": f"*{t}", "I": "*i64", "Ends": "*i64", "W": f"*{t}", "Out": f"*{t}",
+                   "B": "i32", "k": "i32", "d": "i32", "G": "i32",
+                   "BLOCK_J": "constexpr", "BLOCK_D": "constexpr"},
+        constexprs={"BLOCK_J": tk._PREFIX_BLOCK_J, "BLOCK_D": tk._PREFIX_BLOCK_D},
+        num_warps=tk._PREFIX_WARPS, divisible=("V", "I", "Ends", "W", "Out", "B", "k", "d"),
+    )
+
+
+def _threshold_spec(dtype: torch.dtype, has_band: bool) -> KernelSpec:
+    t = _TORCH_TO_TRITON[dtype]
+    # B=8192, n=131072 on an H100's 132 SMs: the launcher's plan at the benchmark shape.
+    plan = tk.threshold_plan(8192, 131072, dtype, num_sms=132, has_band=has_band)
+    return KernelSpec(
+        label=f"threshold_encode band={'yes' if has_band else 'no'}",
+        kernel=tk._threshold_encode_kernel,
+        signature={"X": f"*{t}", "W": f"*{t}", "Bias": "*fp32", "Thr": "*fp32",
+                   "Vals": "*fp32", "Idx": "*i32", "Cnt": "*i32",
+                   "BandPre": "*fp32", "BandIdx": "*i32", "BandCnt": "*i32",
+                   "B": "i32", "n": "i32", "d": "i32", "cap": "i32", "band_cap": "i32",
+                   "half_band": "fp32", "tiles_per_split": "i32",
+                   **{name: "constexpr" for name in plan.constexprs}},
+        constexprs=plan.constexprs,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        divisible=("X", "W", "Bias", "Thr", "Vals", "Idx", "Cnt", "BandPre", "BandIdx", "BandCnt",
+                   "B", "n", "d", "cap", "band_cap"),
+    )
+
+
 # Benchmark shapes: B=4096, d=1280, n=131072, k=32, bf16 and fp32. The larger-k
 # encoder entries cover the other register layouts up to MAX_K_PAD.
 AOT_SPECS: list[tuple[str, KernelSpec]] = [
@@ -113,6 +146,9 @@ AOT_SPECS: list[tuple[str, KernelSpec]] = [
         _decode_spec(dtype),
         _gather_spec(dtype),
         _segment_spec(dtype),
+        _prefix_decode_spec(dtype),
+        _threshold_spec(dtype, has_band=False),
+        _threshold_spec(dtype, has_band=True),
     )
 ] + [(name, _encode_spec(dtype, k)) for k in (128, 256)
      for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))]

@@ -1,4 +1,7 @@
-"""JAX versions of the sparse-autoencoder kernels: top-k encode and sparse decode.
+"""JAX versions of the sparse-autoencoder kernels: top-k encode and sparse decode, and for
+Matryoshka and JumpReLU SAEs the prefix decode and the threshold encoder (XLA path only;
+semantics as in ``sae_kernels.prefix_decode`` / ``sae_kernels.threshold_encode``, with int32
+indices and counts).
 
 Conventions (the same as the PyTorch API):
 
@@ -37,13 +40,13 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["topk_encode", "sparse_decode", "EMPTY"]
+__all__ = ["topk_encode", "sparse_decode", "prefix_decode", "threshold_encode", "ThresholdCode", "EMPTY"]
 
 EMPTY = -1  # index of an empty slot in a sparse code
 # Chunk budgets, in elements. Pre-activations: large enough that each chunk's GEMM reuses
@@ -170,9 +173,16 @@ def _encode_bwd_xla(
     x: Array, W_enc: Array, values: Array, indices: Array, g_values: Array, chunk_rows: int | None
 ) -> tuple[Array, Array, Array]:
     """Sparse encoder backward -> (dx [B, d], dW_enc [n, d], db_enc [n]), all fp32."""
+    g_pre = jnp.where(values > 0, g_values.astype(jnp.float32), 0.0)  # ReLU gate
+    return _encode_bwd_from_pre_grad(x, W_enc, indices, g_pre, chunk_rows)
+
+
+def _encode_bwd_from_pre_grad(
+    x: Array, W_enc: Array, indices: Array, g_pre: Array, chunk_rows: int | None
+) -> tuple[Array, Array, Array]:
+    """(dx [B, d], dW_enc [n, d], db_enc [n]) fp32 from the selected pre-activations' gradient."""
     B, d = x.shape
     n, k = W_enc.shape[0], indices.shape[1]
-    g_pre = jnp.where(values > 0, g_values.astype(jnp.float32), 0.0)  # ReLU gate
 
     def chunk_fn(
         carry: tuple[Array, Array], rows: tuple[Array, ...]
@@ -385,6 +395,269 @@ def sparse_decode(
     return _sparse_decode(
         values, indices.astype(jnp.int32), W_dec, _choose_impl(impl, lambda: None), chunk_rows
     )
+
+
+# ----------------------------------------------------------------------------- prefix decode
+# Matryoshka partial reconstructions and JumpReLU threshold encoding: the XLA path only
+# (impl="auto" and "xla"); the GPU runs them through XLA as well.
+
+
+def _xla_only(impl: str, name: str) -> None:
+    if impl not in ("auto", "xla"):
+        raise ValueError(f"{name} runs on the XLA path only: impl must be 'auto' or 'xla', got {impl!r}")
+
+
+def _prefix_groups(indices: Array, boundaries: tuple[int, ...]) -> Array:
+    """Group of each slot's latent: g with m_{g-1} <= index < m_g (empty slots: group 0)."""
+    return jnp.searchsorted(jnp.asarray(boundaries, indices.dtype), jnp.maximum(indices, 0), side="right")
+
+
+def _prefix_fwd_xla(
+    values: Array, indices: Array, W_dec: Array, boundaries: tuple[int, ...], chunk_rows: int | None
+) -> Array:
+    B, k = indices.shape
+    G, d = len(boundaries), W_dec.shape[1]
+    out_dtype = jnp.result_type(values.dtype, W_dec.dtype)
+
+    def chunk_fn(carry: None, rows: tuple[Array, ...]) -> tuple[None, tuple[Array]]:
+        vc, ic = rows
+        w, valid = _gather_rows(W_dec, ic)
+        coeff = jnp.where(valid, vc.astype(jnp.float32), 0.0)
+        onehot = _prefix_groups(ic, boundaries)[:, :, None] == jnp.arange(G)
+        parts = jnp.einsum("rk,rkg,rkd->rgd", coeff, onehot.astype(jnp.float32), w,
+                           precision=lax.Precision.HIGHEST)
+        return carry, (jnp.cumsum(parts, axis=1).astype(out_dtype),)  # running sums over groups
+
+    chunk = _rows_per_chunk(B, k * d, GATHER_ELEMENTS, chunk_rows)
+    _, (out,) = _scan_rows(chunk_fn, None, (values, indices), chunk)
+    return jnp.swapaxes(out, 0, 1)
+
+
+def _prefix_bwd_xla(
+    values: Array, indices: Array, W_dec: Array, g_out: Array, boundaries: tuple[int, ...],
+    chunk_rows: int | None,
+) -> tuple[Array, Array]:
+    """Sparse prefix-decode backward -> (dvalues [B, k], dW_dec [n, d]), both fp32."""
+    B, k = indices.shape
+    n, d = W_dec.shape
+    # Suffix sums over groups: the cotangent of a latent of group g, per row: [B, G, d].
+    suffix = jnp.swapaxes(jnp.flip(jnp.cumsum(jnp.flip(g_out.astype(jnp.float32), 0), axis=0), 0), 0, 1)
+
+    def chunk_fn(carry: Array, rows: tuple[Array, ...]) -> tuple[Array, tuple[Array]]:
+        vc, ic, sc = rows
+        w, valid = _gather_rows(W_dec, ic)
+        s_slot = jnp.take_along_axis(sc, _prefix_groups(ic, boundaries)[:, :, None], axis=1)  # [rows, k, d]
+        dv = jnp.where(valid, jnp.sum(s_slot * w, axis=2), 0.0)
+        coeff = jnp.where(valid, vc.astype(jnp.float32), 0.0)
+        return _scatter_rows(carry, ic, coeff[:, :, None] * s_slot), (dv,)
+
+    dW, (dv,) = _scan_rows(chunk_fn, jnp.zeros((n, d), jnp.float32), (values, indices, suffix),
+                           _rows_per_chunk(B, k * d, GATHER_ELEMENTS, chunk_rows))
+    return dv, dW
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _prefix_decode(
+    values: Array, indices: Array, W_dec: Array, boundaries: tuple[int, ...], chunk_rows: int | None
+) -> Array:
+    return _prefix_fwd_xla(values, indices, W_dec, boundaries, chunk_rows)
+
+
+def _prefix_decode_fwd(values, indices, W_dec, boundaries, chunk_rows):
+    return _prefix_decode(values, indices, W_dec, boundaries, chunk_rows), (values, indices, W_dec)
+
+
+def _prefix_decode_bwd(boundaries, chunk_rows, res, g_out):
+    values, indices, W_dec = res
+    dv, dW = _prefix_bwd_xla(values, indices, W_dec, g_out, boundaries, chunk_rows)
+    return dv.astype(values.dtype), None, dW.astype(W_dec.dtype)
+
+
+_prefix_decode.defvjp(_prefix_decode_fwd, _prefix_decode_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("boundaries", "impl", "chunk_rows"))
+def prefix_decode(
+    values: Array,
+    indices: Array,
+    W_dec: Array,
+    boundaries: Sequence[int],
+    *,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> Array:
+    """Matryoshka partial reconstructions: ``out[g, b] = sum_{j: 0 <= indices[b, j] < m_g}
+    values[b, j] * W_dec[indices[b, j]]``.
+
+    Args:
+      values: ``[B, k]`` coefficients; indices: ``[B, k]`` integer in ``[-1, n)`` (-1 empty).
+      W_dec: ``[n, d]`` decoder, one row per latent.
+      boundaries: the prefix sizes ``m_1 < ... < m_G = n`` (static; a tuple of ints).
+      impl: ``"auto"`` or ``"xla"``.
+      chunk_rows: rows per chunk (forward and backward); by default each ``[rows, k, d]``
+        gather holds about ``GATHER_ELEMENTS`` elements.
+
+    Returns:
+      ``[G, B, d]`` in ``result_type(values, W_dec)``, accumulated in fp32 (group sums, then a
+      running sum over groups). ``out[G - 1]`` equals ``sparse_decode`` within rounding, and
+      with one boundary the result is ``sparse_decode(...)[None]`` exactly.
+
+    Differentiable in ``values`` and ``W_dec``: with ``S[g] = sum_{g' >= g} g_out[g']`` and g
+    the group of a slot's latent, ``dvalues[b, j] = S[g, b] . W_dec[indices[b, j]]`` and
+    ``dW_dec`` is the segment sum over latents of ``values[b, j] S[g, b]``.
+    """
+    _xla_only(impl, "prefix_decode")
+    if values.ndim != 2 or values.shape != indices.shape:
+        raise ValueError(f"need values and indices [B, k]; got {values.shape} and {indices.shape}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"indices must be integers, got {indices.dtype}")
+    if W_dec.ndim != 2:
+        raise ValueError(f"W_dec must be [n, d], got {W_dec.shape}")
+    sizes = tuple(int(m) for m in boundaries)
+    n = W_dec.shape[0]
+    if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] != n:
+        raise ValueError(f"boundaries must be strictly increasing prefix sizes ending at n={n}, got {sizes}")
+    if len(sizes) == 1:  # one prefix is the whole code: exactly sparse_decode, gradients too
+        return _sparse_decode(values, indices.astype(jnp.int32), W_dec, "xla", chunk_rows)[None]
+    return _prefix_decode(values, indices.astype(jnp.int32), W_dec, sizes, chunk_rows)
+
+
+# ----------------------------------------------------------------------------- threshold encode
+
+
+class ThresholdCode(NamedTuple):
+    """What ``threshold_encode`` returns (a pytree); lists in ascending latent index order.
+
+    values [B, cap] (x's dtype), indices [B, cap] int32, counts [B] int32 (exact),
+    overflow [B] bool (counts > cap), band_pre [B, band_cap] fp32, band_indices [B, band_cap]
+    int32, band_counts [B] int32 (exact), band_overflow [B] bool. Unused slots: 0 and -1.
+    """
+
+    values: Array
+    indices: Array
+    counts: Array
+    overflow: Array
+    band_pre: Array
+    band_indices: Array
+    band_counts: Array
+    band_overflow: Array
+
+
+def _first_per_row(pre: Array, mask: Array, cap: int) -> tuple[Array, Array, Array]:
+    """The first ``cap`` masked entries of each row of ``pre[R, n]`` by column ->
+    (values [R, cap] fp32, columns [R, cap] int32, counts [R] int32); unused slots 0 / -1."""
+    R, n = pre.shape
+    counts = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    if cap == 0:
+        return jnp.zeros((R, 0), jnp.float32), jnp.zeros((R, 0), jnp.int32), counts
+    # The largest scores are the masked columns with the smallest index.
+    score = jnp.where(mask, n - jnp.arange(n, dtype=jnp.int32), 0)
+    top, _ = lax.top_k(score, min(cap, n))
+    cols = jnp.where(top > 0, n - top, EMPTY)
+    vals = jnp.where(top > 0, jnp.take_along_axis(pre, jnp.maximum(cols, 0), axis=1), 0.0)
+    if cap > n:
+        cols = jnp.pad(cols, ((0, 0), (0, cap - n)), constant_values=EMPTY)
+        vals = jnp.pad(vals, ((0, 0), (0, cap - n)))
+    return vals, cols, counts
+
+
+def _threshold_fwd_xla(
+    x: Array, W_enc: Array, b_enc: Array, threshold: Array, cap: int, band: float | None, band_cap: int,
+    chunk_rows: int | None,
+) -> tuple[Array, ...]:
+    B, n = x.shape[0], W_enc.shape[0]
+    bias = b_enc.astype(jnp.float32)
+    thr = threshold.astype(jnp.float32)
+
+    def chunk_fn(carry: None, rows: tuple[Array, ...]) -> tuple[None, tuple[Array, ...]]:
+        (xc,) = rows
+        pre = lax.dot_general(
+            xc, W_enc, (((1,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+        ) + bias
+        out = _first_per_row(pre, pre > thr, cap)
+        if band is None:
+            near = (jnp.zeros((xc.shape[0], 0), jnp.float32), jnp.zeros((xc.shape[0], 0), jnp.int32),
+                    jnp.zeros((xc.shape[0],), jnp.int32))
+        else:
+            near = _first_per_row(pre, jnp.abs(pre - thr) < band / 2, band_cap)
+        return carry, (*out, *near)
+
+    chunk = _rows_per_chunk(B, n, PREACT_ELEMENTS, chunk_rows)
+    _, (values, indices, counts, band_pre, band_idx, band_counts) = _scan_rows(chunk_fn, None, (x,), chunk)
+    return values.astype(x.dtype), indices, counts, band_pre, band_idx, band_counts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _threshold_encode(x, W_enc, b_enc, threshold, cap, band, band_cap, chunk_rows):
+    return _threshold_fwd_xla(x, W_enc, b_enc, threshold, cap, band, band_cap, chunk_rows)
+
+
+def _threshold_encode_fwd(x, W_enc, b_enc, threshold, cap, band, band_cap, chunk_rows):
+    out = _threshold_encode(x, W_enc, b_enc, threshold, cap, band, band_cap, chunk_rows)
+    return out, (x, W_enc, b_enc, threshold, out[1])
+
+
+def _threshold_encode_bwd(cap, band, band_cap, chunk_rows, res, g):
+    x, W_enc, b_enc, threshold, indices = res
+    # Straight through where active (value = pre there); the threshold's gradient is the caller's.
+    g_pre = jnp.where(indices >= 0, g[0].astype(jnp.float32), 0.0)
+    dx, dW, db = _encode_bwd_from_pre_grad(x, W_enc, indices, g_pre, chunk_rows)
+    return dx.astype(x.dtype), dW.astype(W_enc.dtype), db.astype(b_enc.dtype), jnp.zeros_like(threshold)
+
+
+_threshold_encode.defvjp(_threshold_encode_fwd, _threshold_encode_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("cap", "band", "band_cap", "impl", "chunk_rows"))
+def threshold_encode(
+    x: Array,
+    W_enc: Array,
+    b_enc: Array,
+    threshold: Array,
+    cap: int,
+    *,
+    band: float | None = None,
+    band_cap: int | None = None,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> ThresholdCode:
+    """JumpReLU sparse code: per row, the latents with ``pre > threshold`` (equality inactive),
+    ``pre = x @ W_enc.T + b_enc`` in fp32, in ascending index order up to ``cap``.
+
+    Args:
+      x: ``[B, d]``; W_enc: ``[n, d]``; b_enc, threshold: ``[n]``.
+      cap: slots per row (static); on overflow the ``cap`` lowest indices are kept.
+      band: if given (static), also the latents with ``|pre - threshold| < band / 2``, up to
+        ``band_cap`` (default cap) per row: the rectangle kernel's support for the threshold's
+        pseudo-gradient (formula in ``sae_kernels.threshold_encode``).
+      impl: ``"auto"`` or ``"xla"``; chunk_rows: rows per chunk (default: ``PREACT_ELEMENTS``
+        pre-activations per chunk).
+
+    Returns:
+      A :class:`ThresholdCode`; ``[B, n]`` is never built for the whole batch.
+
+    Gradients: ``values`` is differentiable in x, W_enc, b_enc (straight through where
+    active, sparse); the threshold gets a zero cotangent here and the other outputs none.
+    """
+    _xla_only(impl, "threshold_encode")
+    if x.ndim != 2 or W_enc.ndim != 2 or W_enc.shape[1] != x.shape[1]:
+        raise ValueError(f"need x [B, d] and W_enc [n, d]; got {x.shape} and {W_enc.shape}")
+    n = W_enc.shape[0]
+    for name, a in (("b_enc", b_enc), ("threshold", threshold)):
+        if a.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {a.shape}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    if band is not None and not band > 0:
+        raise ValueError(f"band must be > 0, got {band!r}")
+    width = 0 if band is None else (cap if band_cap is None else band_cap)
+    if band is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"band_cap must be an integer >= 1, got {band_cap!r}")
+    values, indices, counts, band_pre, band_idx, band_counts = _threshold_encode(
+        x, W_enc, b_enc, threshold, cap, None if band is None else float(band), width, chunk_rows)
+    return ThresholdCode(values, indices, counts, counts > cap, band_pre, band_idx, band_counts,
+                         band_counts > width)
 
 
 # ----------------------------------------------------------------------------- Triton (GPU)

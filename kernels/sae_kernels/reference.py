@@ -76,3 +76,72 @@ def segment_rows_ref(
     grads = torch.zeros(rows.numel(), src.shape[1], device=src.device).index_add_(0, inverse, contrib)
     sums = torch.zeros(rows.numel(), device=src.device).index_add_(0, inverse, weights)
     return rows, grads, sums
+
+
+def prefix_group(indices: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Group of each latent index: g with m_{g-1} <= index < m_g (boundaries = [m_1, ..., m_G]
+    as an int64 tensor, m_0 = 0); empty slots (-1) count as group 0."""
+    return torch.searchsorted(boundaries, indices.clamp_min(0), right=True)
+
+
+def prefix_decode_ref(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, boundaries: list[int]
+) -> torch.Tensor:
+    """Reference prefix decoder: ``out[g] = dense_code[:, :m_g] @ W_dec[:m_g]``.
+
+    values, indices: [B, k]; W_dec: [n, d]; boundaries: [m_1 < ... < m_G = n] ->
+    [G, B, d] in the promoted dtype. Builds the dense [B, n] code (an oracle, not a fast path).
+    """
+    B, n = values.shape[0], W_dec.shape[0]
+    out_dtype = torch.promote_types(values.dtype, W_dec.dtype)
+    valid = indices >= 0
+    dense = torch.zeros(B, n, dtype=torch.float32, device=values.device)
+    dense.index_put_((torch.arange(B, device=values.device)[:, None].expand_as(indices)[valid], indices[valid]),
+                     values.float()[valid], accumulate=True)
+    W = W_dec.float()
+    return torch.stack([dense[:, :m] @ W[:m] for m in boundaries]).to(out_dtype)
+
+
+def threshold_encode_ref(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    cap: int,
+    band: float | None = None,
+    band_cap: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Reference JumpReLU encoder from the dense fp32 pre-activations ``x @ W_enc.T + b_enc``.
+
+    A latent is active where ``pre > threshold`` (equality is inactive). Per row, the first
+    ``cap`` active latents in ascending index order, and (when ``band`` is given) the first
+    ``band_cap`` latents with ``|pre - threshold| < band / 2``. Returns ``(values [B, cap]
+    x.dtype, indices [B, cap] int64, counts [B] int64, band_pre [B, band_cap] fp32,
+    band_indices [B, band_cap] int64, band_counts [B] int64)``; unused slots hold 0 and -1, and
+    without a band the band tensors have width 0.
+    """
+    pre = x.float() @ W_enc.float().T + b_enc.float()
+    thr = threshold.float()
+    values, indices, counts = _first_per_row(pre, pre > thr, cap)
+    if band is None:
+        empty = torch.zeros(x.shape[0], 0, device=x.device)
+        band_pre, band_idx, band_counts = empty, empty.long(), torch.zeros(x.shape[0], dtype=torch.int64,
+                                                                            device=x.device)
+    else:
+        band_pre, band_idx, band_counts = _first_per_row(pre, (pre - thr).abs() < band / 2, band_cap)
+    return values.to(x.dtype), indices, counts, band_pre, band_idx, band_counts
+
+
+def _first_per_row(pre: torch.Tensor, mask: torch.Tensor, cap: int) -> tuple[torch.Tensor, ...]:
+    """The first ``cap`` masked entries of each row of ``pre[B, n]`` by column:
+    (values [B, cap] fp32, columns [B, cap] int64, counts [B] int64); unused slots 0 / -1."""
+    B, n = pre.shape
+    counts = mask.sum(dim=1)
+    # A stable sort of (not masked) puts the masked columns first, in column order.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :cap]
+    used = torch.arange(min(cap, n), device=pre.device)[None, :] < counts[:, None]
+    cols = torch.full((B, cap), EMPTY, dtype=torch.int64, device=pre.device)
+    vals = torch.zeros(B, cap, device=pre.device)
+    cols[:, : order.shape[1]] = order.masked_fill(~used, EMPTY)
+    vals[:, : order.shape[1]] = pre.gather(1, order).masked_fill(~used, 0)
+    return vals, cols, counts

@@ -1,4 +1,5 @@
-"""Triton kernels for TopK sparse autoencoders, and their launchers.
+"""Triton kernels for TopK sparse autoencoders (and the Matryoshka prefix decode and the
+JumpReLU threshold encoder), and their launchers.
 
 Conventions: activations ``x[B, d]``; encoder ``W[n, d]`` and decoder ``W_dec[n, d]``
 hold one row per latent; a sparse code is ``(values[B, k], indices[B, k])`` where
@@ -549,3 +550,283 @@ def segment_rows(
             BLOCK_P=_SEGMENT_BLOCK_P, BLOCK_D=_SEGMENT_BLOCK_D, num_warps=_SEGMENT_WARPS,
         )
     return rows, grads, sums
+
+
+# --------------------------------------------------------------------------- Matryoshka prefix decode
+
+
+@Kernel
+def _prefix_decode_kernel(
+    V, I, Ends, W, Out, B, k, d, G,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Running sums of one row's code, emitted at the prefix boundaries.
+
+    ``V``, ``I``: ``[B, k]`` with each row sorted by latent index (empty slots first);
+    ``Ends``: ``[B, G + 1]``, group ``g`` of row ``b`` is ``Ends[b, g] : Ends[b, g + 1]``.
+    Grid ``(B, cdiv(d, BLOCK_D))``: one pass over the row's slots in index order, storing the
+    fp32 running sum to ``Out[g, b]`` after group ``g`` (cumulative over groups).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lo = tl.load(Ends + row * (G + 1))
+    for g in range(0, G):
+        hi = tl.load(Ends + row * (G + 1) + g + 1)
+        for j0 in range(lo, hi, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = offs_j < hi
+            lat = tl.load(I + row * k + offs_j, mask=j_ok, other=0).to(tl.int64)
+            v = tl.load(V + row * k + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + lat[:, None] * d + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+        tl.store(Out + (g * B + row) * d + offs_d, acc.to(Out.dtype.element_ty), mask=d_ok)
+        lo = hi
+
+
+_PREFIX_BLOCK_J = 32
+_PREFIX_BLOCK_D = 256
+_PREFIX_WARPS = 4
+
+
+def prefix_decode(
+    values: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, boundaries: list[int]
+) -> torch.Tensor:
+    """Matryoshka partial reconstructions ``out[g, b] = sum_{j: idx[b, j] < m_g} values[b, j] W[idx[b, j]]``.
+
+    Args:
+        values: ``[B, k]`` float.
+        idx: ``[B, k]`` integer latent ids, -1 for empty slots.
+        W: ``[n, d]`` decoder weights.
+        boundaries: prefix sizes ``m_1 < ... < m_G = n``.
+
+    Returns:
+        ``[G, B, d]`` of dtype ``promote_types(values.dtype, W.dtype)`` (fp32 running sums).
+    """
+    from .chunked import sort_code_by_index
+
+    B, k = idx.shape
+    G, d = len(boundaries), W.shape[1]
+    out = torch.zeros((G, B, d), dtype=torch.promote_types(values.dtype, W.dtype), device=W.device)
+    if B == 0 or k == 0:
+        return out
+    svals, sidx, ends = sort_code_by_index(values, idx.to(torch.int64), boundaries)
+    block_j = min(_PREFIX_BLOCK_J, triton.next_power_of_2(k))
+    _prefix_decode_kernel.launch(
+        (B, triton.cdiv(d, _PREFIX_BLOCK_D)), W.device,
+        svals.contiguous(), sidx.contiguous(), ends.contiguous(), W.contiguous(), out, B, k, d, G,
+        BLOCK_J=block_j, BLOCK_D=_PREFIX_BLOCK_D, num_warps=_PREFIX_WARPS,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- JumpReLU threshold encode
+
+
+_NO_COLUMN = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _append_in_index_order(
+    mask, acc, cols, stored, cap, Vals, Idx, out_row, row_ok,
+):
+    """Append each row's masked entries of a tile, smallest column first, to its list.
+
+    ``mask``, ``acc``: ``[BLOCK_M, BLOCK_N]``; ``stored``: ``[BLOCK_M]`` entries already in
+    each row's list ``Vals[out_row, :cap]`` / ``Idx[out_row, :cap]``. One entry per row per
+    round, for as many rounds as the fullest row needs (entries past ``cap`` are dropped), so
+    only ``[BLOCK_M]`` vectors of pointers are live: scattering the whole tile at once would
+    need a 64-bit pointer per element, and spill. Returns the new ``stored``.
+    """
+    cand = tl.where(mask & (stored < cap)[:, None], cols[None, :], _NO_COLUMN)
+    first = tl.min(cand, axis=1)
+    while tl.min(first, axis=0) < _NO_COLUMN:
+        ok = (first < _NO_COLUMN) & row_ok
+        hit = cand == first[:, None]
+        value = tl.sum(tl.where(hit, acc, 0.0), axis=1)
+        offs = out_row * cap + stored
+        tl.store(Vals + offs, value, mask=ok)
+        tl.store(Idx + offs, first, mask=ok)
+        stored += ok.to(tl.int32)
+        cand = tl.where(hit | (stored >= cap)[:, None], _NO_COLUMN, cand)
+        first = tl.min(cand, axis=1)
+    return stored
+
+
+@Kernel
+def _threshold_encode_kernel(
+    X, W, Bias, Thr, Vals, Idx, Cnt, BandPre, BandIdx, BandCnt,
+    B, n, d, cap, band_cap, half_band, tiles_per_split,
+    HAS_BAND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr = False,
+):
+    """Fused ``pre = x @ W.T + bias``, the compare ``pre > Thr`` and per-row compaction.
+
+    Grid ``(cdiv(B, BLOCK_M), splits)``: program ``(m, s)`` owns rows ``m*BLOCK_M ...`` and
+    the contiguous latent tiles ``s*tiles_per_split ...``. Each tile's active latents are
+    appended in index order to the row's list ``Vals[s, row, :cap]`` / ``Idx[s, row, :cap]``
+    (``_append_in_index_order``: about as many rounds as the row with the most active latents
+    in the tile has, usually 0-2); ``Cnt[s, row]`` gets the exact count, which may exceed
+    ``cap``. With ``HAS_BAND`` the latents with ``|pre - Thr| < half_band`` go to ``BandPre`` /
+    ``BandIdx`` / ``BandCnt`` the same way (up to ``band_cap``). Pre-activations never leave
+    registers except for listed entries; the launcher concatenates the splits.
+    ``DOT_FP32``: as in ``_encode_topk_kernel``.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows.to(tl.int64)[:, None] * d + offs_k[None, :]
+    out_row = pid_s * B + rows.to(tl.int64)  # row of the [splits, B] lists
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    stored = tl.zeros([BLOCK_M], dtype=tl.int32)
+    band_count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    band_stored = tl.zeros([BLOCK_M], dtype=tl.int32)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(n, BLOCK_N))
+    for t in range(tile_lo, tile_hi):
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        w_ptrs = W + cols.to(tl.int64)[:, None] * d + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            k_ok = offs_k < d - k0
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_FP32:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0)[None, :]
+        thr = tl.load(Thr + cols, mask=col_ok, other=0.0)[None, :]
+        live = row_ok[:, None] & col_ok[None, :]
+        active = (acc > thr) & live
+        count += tl.sum(active.to(tl.int32), axis=1)
+        stored = _append_in_index_order(active, acc, cols, stored, cap, Vals, Idx, out_row, row_ok)
+        if HAS_BAND:
+            near = (tl.abs(acc - thr) < half_band) & live
+            band_count += tl.sum(near.to(tl.int32), axis=1)
+            band_stored = _append_in_index_order(near, acc, cols, band_stored, band_cap, BandPre, BandIdx,
+                                                 out_row, row_ok)
+    tl.store(Cnt + out_row, count, mask=row_ok)
+    if HAS_BAND:
+        tl.store(BandCnt + out_row, band_count, mask=row_ok)
+
+
+def threshold_config(dtype: torch.dtype) -> EncodeConfig:
+    """Block sizes of ``_threshold_encode_kernel`` (used by :func:`threshold_encode` and
+    :mod:`sae_kernels.aot`): the top-k encoder's tiles for small k, as nothing else but the
+    ``BLOCK_M x BLOCK_N`` tile and its prefix counts lives in registers."""
+    return encode_config(dtype, 32)
+
+
+@dataclass(frozen=True)
+class ThresholdPlan:
+    """Grid, latent splits and compile-time arguments of ``_threshold_encode_kernel``."""
+
+    grid: tuple[int, int]
+    splits: int
+    tiles_per_split: int
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+def threshold_plan(
+    B: int, n: int, dtype: torch.dtype, num_sms: int | None, *, has_band: bool, interpreted: bool = False
+) -> ThresholdPlan:
+    """Tiles and splits of the threshold encoder: about four programs per SM, as the top-k
+    encoder; the per-split lists take ``splits x [B, cap]`` (and band) entries."""
+    cfg = threshold_config(dtype)
+    tiles = triton.cdiv(n, cfg.block_n)
+    row_blocks = triton.cdiv(B, cfg.block_m)
+    target = 4 * num_sms if num_sms is not None else 4
+    splits = max(1, min(tiles, triton.cdiv(target, row_blocks)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    return ThresholdPlan(
+        grid=(row_blocks, splits), splits=splits, tiles_per_split=tiles_per_split,
+        constexprs={
+            "HAS_BAND": has_band,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+            "INPUT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
+            "DOT_FP32": interpreted and dtype == torch.bfloat16,
+        },
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _concat_splits(
+    vals: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor, cap: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate per-split lists in split (= index) order, truncated to ``cap``.
+
+    vals [S, B, cap] fp32, idx [S, B, cap] int32, cnt [S, B] int32 (exact, may exceed cap) ->
+    (values [B, cap] fp32, indices [B, cap] int64, counts [B] int64); unused slots 0 / -1.
+    """
+    S, B, _ = vals.shape
+    kept = cnt.clamp(max=cap).to(torch.int64)
+    pos = (torch.cumsum(kept, 0) - kept)[:, :, None] + torch.arange(cap, device=vals.device)
+    ok = (torch.arange(cap, device=vals.device) < kept[:, :, None]) & (pos < cap)
+    rows = torch.arange(B, device=vals.device)[None, :, None].expand_as(pos)
+    values = torch.zeros(B, cap, dtype=torch.float32, device=vals.device)
+    indices = torch.full((B, cap), -1, dtype=torch.int64, device=vals.device)
+    values[rows[ok], pos[ok]] = vals[ok]
+    indices[rows[ok], pos[ok]] = idx[ok].to(torch.int64)
+    return values, indices, cnt.sum(0, dtype=torch.int64)
+
+
+def threshold_encode(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor,
+    threshold: torch.Tensor,
+    cap: int,
+    band: float | None,
+    band_cap: int,
+) -> tuple[torch.Tensor, ...]:
+    """Active latents ``pre > threshold`` of ``pre = x @ W.T + bias`` without forming ``[B, n]``.
+
+    Args:
+        x: ``[B, d]`` activations, fp32/bf16/fp16; W: ``[n, d]``, same dtype.
+        bias, threshold: ``[n]`` fp32.
+        cap: active latents kept per row (the lowest indices); band: width of the band
+            ``|pre - threshold| < band / 2`` to report, or None; band_cap: band entries per row.
+
+    Returns:
+        ``(values [B, cap] fp32, indices [B, cap] int64, counts [B] int64, band_pre
+        [B, band_cap] fp32, band_indices [B, band_cap] int64, band_counts [B] int64)``, each
+        list in ascending index order, unused slots 0 / -1; without a band the band lists have
+        width 0 and the counts are 0.
+    """
+    B, d = x.shape
+    n = W.shape[0]
+    dev = x.device
+    has_band = band is not None
+    width = band_cap if has_band else 0
+    interpreted = dev.type == "cpu"
+    num_sms = None if interpreted else _sm_count(torch.cuda.current_device() if dev.index is None else dev.index)
+    plan = threshold_plan(B, n, x.dtype, num_sms, has_band=has_band, interpreted=interpreted)
+    S = plan.splits
+    vals = torch.empty((S, B, cap), dtype=torch.float32, device=dev)
+    idx = torch.empty((S, B, cap), dtype=torch.int32, device=dev)
+    cnt = torch.empty((S, B), dtype=torch.int32, device=dev)
+    bvals = torch.empty((S, B, max(width, 1)), dtype=torch.float32, device=dev)
+    bidx = torch.empty((S, B, max(width, 1)), dtype=torch.int32, device=dev)
+    bcnt = torch.zeros((S, B), dtype=torch.int32, device=dev)
+    if B > 0:
+        _threshold_encode_kernel.launch(
+            plan.grid, dev,
+            x.contiguous(), W.contiguous(), bias.contiguous(), threshold.contiguous(),
+            vals, idx, cnt, bvals, bidx, bcnt,
+            B, n, d, cap, max(width, 1), float(band) / 2 if has_band else 0.0, plan.tiles_per_split,
+            **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        )
+    else:
+        cnt.zero_()
+    values, indices, counts = _concat_splits(vals, idx, cnt, cap)
+    band_pre, band_idx, band_counts = _concat_splits(bvals[..., :width], bidx[..., :width], bcnt, width)
+    return values, indices, counts, band_pre, band_idx, band_counts

@@ -65,3 +65,52 @@ def check_code(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor)
     if indices.dtype.is_floating_point or indices.dtype == torch.bool:
         raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
     _check_same_device(values=values, indices=indices, W_dec=W_dec)
+
+
+def check_boundaries(boundaries: object, n: int) -> list[int]:
+    """Validate Matryoshka prefix sizes ``m_1 < m_2 < ... < m_G = n``; returns them as ints."""
+    if isinstance(boundaries, torch.Tensor):
+        boundaries = boundaries.tolist()
+    try:
+        sizes = [int(m) for m in boundaries]  # type: ignore[union-attr]
+    except TypeError as err:
+        raise TypeError(f"boundaries must be a sequence of ints, got {boundaries!r}") from err
+    if any(isinstance(m, bool) or int(m) != m for m in boundaries):  # type: ignore[union-attr]
+        raise TypeError(f"boundaries must be integers, got {boundaries!r}")
+    if not sizes:
+        raise ValueError("boundaries must hold at least one prefix size (the last one = n)")
+    if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"boundaries must be strictly increasing positive prefix sizes, got {sizes}")
+    if sizes[-1] != n:
+        raise ValueError(f"the last boundary must be n={n} (the whole dictionary), got {sizes[-1]}")
+    return sizes
+
+
+def check_threshold_inputs(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor,
+    cap: int,
+    band: float | None,
+    band_cap: int | None,
+) -> None:
+    """Validate ``threshold_encode`` arguments: x [B, d], W_enc [n, d], b_enc [n], threshold [n],
+    cap >= 1, band > 0 (or None) and band_cap >= 1 (or None)."""
+    check_encode_inputs(x, W_enc, b_enc, 1, None)
+    n = W_enc.shape[0]
+    _check_ndim("threshold", threshold, 1, "[n]")
+    _check_float("threshold", threshold)
+    if threshold.shape[0] != n:
+        raise ValueError(f"threshold has {threshold.shape[0]} entries but W_enc has n={n} latents")
+    _check_same_device(x=x, threshold=threshold)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an integer >= 1, got {cap!r}")
+    if band is not None:
+        if isinstance(band, bool) or not isinstance(band, (int, float)) or not band > 0 or band == float("inf"):
+            raise ValueError(f"band must be a finite number > 0 (the kernel width), got {band!r}")
+    if band_cap is not None:
+        if band is None:
+            raise ValueError("band_cap needs band (the width of the band around each threshold)")
+        if isinstance(band_cap, bool) or not isinstance(band_cap, int) or band_cap < 1:
+            raise ValueError(f"band_cap must be an integer >= 1, got {band_cap!r}")

@@ -45,7 +45,8 @@ def test_every_kernel_compiles_for_each_arch(resource_rows: list[dict[str, Any]]
     wanted = {(spec.label, dtype, arch) for dtype, spec in aot.AOT_SPECS for arch in ARCHS}
     assert built == wanted
     assert {spec.kernel.__name__ for _, spec in aot.AOT_SPECS} == {
-        "_encode_topk_kernel", "_decode_kernel", "_gather_dot_kernel", "_segment_rows_kernel"}
+        "_encode_topk_kernel", "_decode_kernel", "_gather_dot_kernel", "_segment_rows_kernel",
+        "_prefix_decode_kernel", "_threshold_encode_kernel"}
 
 
 def test_no_spills_and_sane_registers(resource_rows: list[dict[str, Any]]) -> None:
@@ -58,7 +59,7 @@ def test_no_spills_and_sane_registers(resource_rows: list[dict[str, Any]]) -> No
 
 def test_encoder_gemm_runs_on_tensor_cores(resource_rows: list[dict[str, Any]]) -> None:
     for r in resource_rows:
-        if not r["kernel"].startswith("encode_topk"):
+        if not r["kernel"].startswith(("encode_topk", "threshold_encode")):
             continue
         where = f"{r['kernel']} {r['dtype']} {r['arch']}"
         assert r["hgmma"] or r["hmma"], f"{where}: no tensor-core instructions in SASS"
@@ -66,5 +67,6 @@ def test_encoder_gemm_runs_on_tensor_cores(resource_rows: list[dict[str, Any]]) 
             assert not r["hgmma"], where
     # At the benchmark shape the H100 build must use Hopper's warpgroup MMA.
     for r in resource_rows:
-        if r["kernel"] == "encode_topk k=32" and r["arch"] == "sm_90a":
-            assert r["hgmma"], f"{r['dtype']} encoder on sm_90a fell back from HGMMA"
+        if r["kernel"] in ("encode_topk k=32", "threshold_encode band=no", "threshold_encode band=yes") \
+                and r["arch"] == "sm_90a":
+            assert r["hgmma"], f"{r['dtype']} {r['kernel']} on sm_90a fell back from HGMMA"
