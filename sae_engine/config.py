@@ -22,7 +22,7 @@ from .parallel_config import ParallelConfig
 from .data.registry import UnknownSourceError, get_source, source_names, table_spec
 
 
-KINDS = ("topk", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk")
+KINDS = ("topk", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu")
 BATCH_KINDS = ("batchtopk", "matryoshka_batchtopk")  # BatchTopK selection: top B*k of the batch, a threshold at inference
 MATRYOSHKA_KINDS = ("matryoshka_topk", "matryoshka_batchtopk")  # nested prefixes each reconstruct the input
 # The default Matryoshka prefixes: MATRYOSHKA_LEVELS nested sizes, each MATRYOSHKA_RATIO times the
@@ -47,8 +47,9 @@ class ModelConfig:
     d_in: int = 320
     n_latents: int = 10240
     k: int = 32
-    # "topk" (per-row top k), "batchtopk" (top B*k over the batch), or their Matryoshka versions
-    # "matryoshka_topk" / "matryoshka_batchtopk" (every prefix of matryoshka_prefixes reconstructs)
+    # "topk" (per-row top k), "batchtopk" (top B*k over the batch), their Matryoshka versions
+    # "matryoshka_topk" / "matryoshka_batchtopk" (every prefix of matryoshka_prefixes reconstructs),
+    # or "jumprelu" (a learned threshold per latent and an L0 penalty; k unused)
     kind: str = "topk"
     matryoshka_prefixes: list[int] | None = None  # nested sizes m_1 < ... < m_G = n_latents; None = default_prefixes
     d_out: int | None = None  # transcoders: width of the target; None = an SAE (target = input)
@@ -60,6 +61,9 @@ class ModelConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     multi_topk: bool = False  # add the Multi-TopK loss at 4k (weight 1/8)
     batchtopk_row_cap: int | None = None  # candidates per row for BatchTopK; None = 4k
+    jumprelu_row_cap: int | None = None  # JumpReLU: latents a row's code holds at most (more: overflow); None = 4k
+    jumprelu_bandwidth: float = 0.001  # JumpReLU: width of the rectangle kernel of the threshold's pseudo-gradient
+    l0_coef: float = 1e-3  # JumpReLU: weight of the L0 penalty (mean active latents per vector) beside the FVU
 
     @property
     def target_dim(self) -> int:
@@ -75,7 +79,9 @@ class ModelConfig:
 
     @property
     def row_cap(self) -> int:
-        return min(self.batchtopk_row_cap or 4 * self.k, self.n_latents)
+        """Slots of a row's code: BatchTopK's candidates per row, or JumpReLU's cap (both default 4k)."""
+        cap = self.jumprelu_row_cap if self.kind == "jumprelu" else self.batchtopk_row_cap
+        return min(cap or 4 * self.k, self.n_latents)
 
     @property
     def batch_selection(self) -> bool:
@@ -221,6 +227,12 @@ class RunConfig:
                 fail("model.matryoshka_prefixes", m.matryoshka_prefixes, why)
         if m.batchtopk_row_cap is not None and not (isinstance(m.batchtopk_row_cap, int) and m.batchtopk_row_cap >= m.k):
             fail("model.batchtopk_row_cap", m.batchtopk_row_cap, f"must be an integer >= model.k = {m.k}, or absent")
+        if m.jumprelu_row_cap is not None and not (isinstance(m.jumprelu_row_cap, int) and m.jumprelu_row_cap >= 1):
+            fail("model.jumprelu_row_cap", m.jumprelu_row_cap, "must be a positive integer, or absent")
+        if not (isinstance(m.jumprelu_bandwidth, (int, float)) and m.jumprelu_bandwidth > 0):
+            fail("model.jumprelu_bandwidth", m.jumprelu_bandwidth, "must be positive")
+        if not (isinstance(m.l0_coef, (int, float)) and m.l0_coef >= 0):
+            fail("model.l0_coef", m.l0_coef, "must be >= 0")
         if m.k_aux is not None and not (isinstance(m.k_aux, int) and m.k_aux >= 1):
             fail("model.k_aux", m.k_aux, "must be a positive integer or absent")
         choices = {

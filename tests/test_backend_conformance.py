@@ -32,6 +32,8 @@ VARIANTS = {
                                       "train.optimizer='row_sparse_adam'"],
     "transcoder-multitopk-clipped": [f"model.d_out={D_OUT}", "model.skip_connection=true", "model.multi_topk=true",
                                      "train.grad_clip=0.05"],
+    "matryoshka-batchtopk": ["model.kind='matryoshka_batchtopk'", "model.matryoshka_prefixes=[6, 30, 96]"],
+    "jumprelu": ["model.kind='jumprelu'", "model.l0_coef=0.01", "model.jumprelu_bandwidth=0.05"],
 }
 BACKENDS = ["torch", "jax"]
 
@@ -159,7 +161,11 @@ def test_fifty_steps_agree_torch_and_jax(variant):
     within 1e-4 relative / 1e-5 absolute after 50 steps (Adam divides by sqrt(v), so tiny
     gradient differences move a parameter by up to lr * 1e-3 relative)."""
     ours, theirs = _make("torch", VARIANTS[variant]), _make("jax", VARIANTS[variant])
-    is_transcoder = ours.config.model.is_transcoder
+    m = ours.config.model
+    is_transcoder = m.is_transcoder
+    # JumpReLU's code is discontinuous: a pre-activation within fp32 rounding of its threshold
+    # may be active in one backend only, which moves the L0 (and its penalty) by 1 / B a vector.
+    flips = {"loss": 2 * m.l0_coef / B, "l0": 2 / B} if m.kind == "jumprelu" else {}
     g = torch.Generator().manual_seed(2)
     ours.initialize(*_batch(g, is_transcoder, 256))
     theirs.load_state_tensors(ours.state_tensors(), ours.adam_count, ours.aux_active)
@@ -168,14 +174,18 @@ def test_fifty_steps_agree_torch_and_jax(variant):
         lr = 1e-3 * min(1.0, (step + 1) / 5)
         a, b = ours.train_step(x, y, lr), theirs.train_step(x, y, lr)
         for key in METRICS:
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (step, key)
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=max(1e-6, flips.get(key, 0))), (step, key)
         if step % 10 == 9:
             assert ours.latent_stats(10 * B) == theirs.latent_stats(10 * B)  # one computation, equal counts
     assert ours.aux_active  # AuxK was exercised
     ours_state, theirs_state = ours.state_tensors(), theirs.state_tensors()
     assert ours_state.keys() == theirs_state.keys()
     for name, tensor in ours_state.items():
-        assert torch.allclose(theirs_state[name].double(), tensor.double(), rtol=1e-4, atol=1e-5), name
+        # A JumpReLU threshold's pseudo-gradient jumps by l0_coef / (B eps) when a pre-activation
+        # crosses its band's edge, which fp32 rounding can decide differently in the two backends.
+        loose = name.endswith(".threshold")
+        assert torch.allclose(theirs_state[name].double(), tensor.double(), rtol=1e-2 if loose else 1e-4,
+                              atol=1e-4 if loose else 1e-5), name
     x, y = _batch(g, is_transcoder)
     assert theirs.evaluate(x, y) == pytest.approx(ours.evaluate(x, y), rel=1e-4)
     (ours_values, ours_indices), (theirs_values, theirs_indices) = ours.encode(x), theirs.encode(x)
@@ -220,6 +230,7 @@ def test_the_contract_lists_what_the_trainer_and_the_placements_use():
         (["model.kind='batchtopk'", "model.multi_topk=true"], "model.multi_topk = True: is defined for model.kind = 'topk'"),
         (["model.kind='batchtopk'", "model.batchtopk_row_cap=3"], "model.batchtopk_row_cap = 3: must be an integer >= model.k = 4"),
         (["model.k_aux=0"], "model.k_aux = 0: must be a positive integer"),
+        (["model.kind='matryoshka_topk'", "model.multi_topk=true"], "model.multi_topk = True: is defined for model.kind = 'topk'"),
     ],
 )
 def test_model_combinations_no_backend_defines_are_rejected_once(extra, message):

@@ -23,8 +23,9 @@ sae_lens = pytest.importorskip("sae_lens", reason="SAELens is in the interop ext
 sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is in the interop extra: bash .ci/install interop")
 dictionary_learning = pytest.importorskip(
     "dictionary_learning", reason="dictionary-learning is in the interop extra: bash .ci/install interop")
-from dictionary_learning import AutoEncoder  # noqa: E402
+from dictionary_learning import AutoEncoder, JumpReluAutoEncoder  # noqa: E402
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE  # noqa: E402
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE  # noqa: E402
 from dictionary_learning.trainers.top_k import AutoEncoderTopK  # noqa: E402
 from dictionary_learning.utils import load_dictionary  # noqa: E402
 import nnsight  # noqa: E402  (imported by dictionary_learning)
@@ -85,6 +86,11 @@ def runs(tmp_path_factory):
         "topk_skip_transcoder": [f"model.d_out={D}", "model.skip_connection=true"],
         "batchtopk_skip_transcoder": ["model.d_out=12", "model.skip_connection=true", "model.kind='batchtopk'",
                                       f"model.batchtopk_row_cap={N}"],
+        # at inference a Matryoshka BatchTopK SAE is the BatchTopK SAE it trains: exported as one
+        "matryoshka": ["model.kind='matryoshka_batchtopk'", "model.matryoshka_prefixes=[4, 16, 64]",
+                       f"model.batchtopk_row_cap={N}"],
+        # row cap = n: no vector overflows, so the peers' dense JumpReLU keeps the same latents
+        "jumprelu": ["model.kind='jumprelu'", f"model.jumprelu_row_cap={N}", "model.l0_coef=0.01"],
     }
     out = {}
     for name, extra in kinds.items():
@@ -118,7 +124,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 # -- ours -> peer ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk", "batchtopk_skip_transcoder"])
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "batchtopk_skip_transcoder", "matryoshka", "jumprelu"])
 def test_export_to_saelens(runs, kind, tmp_path):
     out = _export(runs[kind], "saelens", tmp_path / "sl")
     peer = sae_lens.SAE.load_from_disk(out)
@@ -138,11 +144,12 @@ def test_export_to_sparsify(runs, kind, tmp_path):
     _same(_dense(result.latent_acts, result.latent_indices, N), result.sae_out, *_ours(runs[kind], x))
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 def test_export_to_dictionary_learning(runs, kind, tmp_path):
     out = _export(runs[kind], "dictionary_learning", tmp_path / "dl")
     peer, config = load_dictionary(str(out), "cpu")
-    assert type(peer) is {"topk": AutoEncoderTopK, "batchtopk": BatchTopKSAE}[kind]
+    assert type(peer) is {"topk": AutoEncoderTopK, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE,
+                          "jumprelu": JumpReluAutoEncoder}[kind]
     alone = type(peer).from_pretrained(out / "ae.pt")  # the file on its own loads as well
     x = _x(3)
     with torch.no_grad():
@@ -194,11 +201,73 @@ def test_import_from_saelens_jumprelu_with_one_threshold(tmp_path):
     x = _x(7)
     with torch.no_grad():
         _same(*_ours(run, x), peer.encode(x), peer(x))
+
+
+def _saelens_jumprelu(tmp: Path) -> tuple[object, Path]:
+    """An SAELens JumpReLU SAE with per-latent thresholds, saved by SAELens."""
+    peer = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=D, d_sae=N))
+    _randomize(peer, 8)
     with torch.no_grad():
-        peer.threshold[3] = 0.5
-    peer.save_model(tmp_path / "uneven")
-    with pytest.raises(InteropError, match="per-latent JumpReLU thresholds"):
-        load_model(tmp_path / "uneven", "saelens", k=K)
+        peer.threshold.copy_(torch.linspace(0.0, 0.8, N))
+    peer.save_model(tmp / "peer")
+    return peer, tmp / "peer"
+
+
+def test_import_from_saelens_jumprelu_runs_through_the_threshold_encoder(tmp_path):
+    peer, path = _saelens_jumprelu(tmp_path)
+    run = _import(path, "saelens", tmp_path / "run", "--row-cap", str(N))
+    assert load_config(run / "train.toml").model.kind == "jumprelu"
+    x = _x(8)
+    with torch.no_grad():
+        _same(*_ours(run, x), peer.encode(x), peer(x))
+    with pytest.raises(InteropError, match="pass --row-cap"):
+        load_model(path, "saelens")
+
+
+def test_an_imported_jumprelu_row_cap_is_exact_with_the_overflow_reported(tmp_path):
+    """A cap below some vectors' active latents: those keep their lowest-index ones, flagged."""
+    peer, path = _saelens_jumprelu(tmp_path)
+    x = _x(9)
+    with torch.no_grad():
+        dense = peer.encode(x)
+    active = dense > 0
+    cap = int(active.sum(1).median())  # about half the vectors have more
+    code = load_model(path, "saelens", row_cap=cap).threshold_code(x)
+    assert torch.equal(code.counts, active.sum(1)) and torch.equal(code.overflow, active.sum(1) > cap)
+    assert 0 < int(code.overflow.sum()) < x.shape[0]
+    kept = torch.zeros_like(dense).scatter_add_(1, code.indices.clamp_min(0), torch.where(code.indices >= 0, code.values, 0.0))
+    first = active & (active.cumsum(1) <= cap)  # each row's lowest-index active latents, up to the cap
+    _close(kept, dense * first)
+
+
+def test_a_matryoshka_run_round_trips_through_dictionary_learning(runs, tmp_path):
+    """Exported as MatryoshkaBatchTopKSAE (group sizes = the prefixes' differences), imported back
+    as a Matryoshka BatchTopK run with the same prefixes and the same code."""
+    out = _export(runs["matryoshka"], "dictionary_learning", tmp_path / "dl")
+    peer, _ = load_dictionary(str(out), "cpu")
+    assert peer.group_sizes.tolist() == [4, 12, 48]
+    run = _import(out, "dictionary_learning", tmp_path / "run", "--row-cap", str(N))
+    model = load_config(run / "train.toml").model
+    assert (model.kind, model.matryoshka_prefixes) == ("matryoshka_batchtopk", [4, 16, 64])
+    x = _x(12)
+    with torch.no_grad():
+        code = peer.encode(x)
+        _same(*_ours(run, x), code, peer.decode(code))
+
+
+def test_import_from_dictionary_learning_jumprelu(tmp_path):
+    peer = JumpReluAutoEncoder(D, N)
+    _randomize(peer, 11)
+    with torch.no_grad():
+        peer.threshold.copy_(torch.linspace(0.0, 0.8, N))
+    (tmp_path / "peer").mkdir()
+    torch.save(peer.state_dict(), tmp_path / "peer" / "ae.pt")
+    (tmp_path / "peer" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "JumpReluAutoEncoder"}}))
+    run = _import(tmp_path / "peer", "dictionary_learning", tmp_path / "run", "--row-cap", str(N))
+    x = _x(11)
+    with torch.no_grad():
+        code = peer.encode(x)
+        _same(*_ours(run, x), code, peer.decode(code))
 
 
 @pytest.mark.parametrize("arch", ["StandardSAE", "SkipTranscoder"])

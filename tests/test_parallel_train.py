@@ -36,6 +36,9 @@ def _configs() -> dict[str, RunConfig]:
         "topk": {"d_in": 16, "n_latents": 45, "k": 4, "dead_tokens": 64, "k_aux": 8, "multi_topk": True},
         "batchtopk": {"d_in": 16, "n_latents": 38, "k": 3, "kind": "batchtopk", "dead_tokens": 64},
         "transcoder": {"d_in": 16, "d_out": 12, "n_latents": 41, "k": 5, "skip_connection": True},
+        # The prefix of 23 latents straddles the latent ranks at L = 2 (rank 1 holds 3 of them) and L = 4.
+        "matryoshka": {"d_in": 16, "n_latents": 40, "k": 3, "kind": "matryoshka_batchtopk",
+                       "matryoshka_prefixes": [5, 23, 40], "dead_tokens": 64},
     }
     # The transcoder's clipping binds: its global norm sums every shard's row gradients over latent ranks.
     train = {"batchtopk": {"optimizer": "row_sparse_adam"}, "transcoder": {"grad_clip": 0.05}}
@@ -89,6 +92,13 @@ def test_sharded_training_equals_one_process(meshes):
     configs = _configs()
     world = meshes[0][0] * meshes[0][1]
     results = run_local(_train_on_meshes, world, meshes, configs, timeout=240)
+    assert_equal_to_one_process(results, meshes, configs)
+
+
+def assert_equal_to_one_process(results: list, meshes: list[tuple[int, int]], configs: dict[str, RunConfig],
+                                row_keys: tuple[str, ...] = ()) -> None:
+    """Every rank's state after ``_train_on_meshes`` equals its rows of one process's (see the module
+    docstring). row_keys: per-latent tensors beyond ``keys.is_row_param``'s, compared by rows too."""
     for name, config in configs.items():
         single = TorchSAE(config, torch.device("cpu"))
         _train(single, config, slice(None))
@@ -105,7 +115,7 @@ def test_sharded_training_equals_one_process(meshes):
                     if key in STATISTICS:
                         # Integer statistics: equal selections give equal counts (slot n: empties).
                         assert torch.equal(state[key][: hi - lo], value[lo:hi]), f"{where}: {key}"
-                    elif is_row_param(key):
+                    elif is_row_param(key) or key in row_keys:
                         torch.testing.assert_close(state[key], value[lo:hi], rtol=1e-4, atol=1e-5, msg=f"{where}: {key}")
                     else:
                         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=f"{where}: {key}")

@@ -30,7 +30,8 @@ def _code(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 def _reference_loss(m, params: dict[str, torch.Tensor], dead: torch.Tensor, x, y) -> torch.Tensor:
     """The training loss written densely in plain torch, for autograd: normalisation, TopK /
-    BatchTopK, Multi-TopK at 4k (weight 1/8), AuxK over the ``dead`` latents."""
+    BatchTopK, Multi-TopK at 4k (weight 1/8), Matryoshka (the mean of every prefix's FVU), AuxK
+    over the ``dead`` latents."""
     def normalize(t: torch.Tensor) -> torch.Tensor:
         if m.normalize == "layernorm":
             return (t - t.mean(1, keepdim=True)) / (t.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
@@ -40,7 +41,7 @@ def _reference_loss(m, params: dict[str, torch.Tensor], dead: torch.Tensor, x, y
     xn, yn = normalize(x), normalize(y)
     x_c = xn if m.d_out is not None else xn - params["b_dec"]
     pre = x_c @ params["W_enc"].T + params["b_enc"]
-    if m.kind == "batchtopk":  # the B*k largest of each row's row_cap best
+    if m.kind in ("batchtopk", "matryoshka_batchtopk"):  # the B*k largest of each row's row_cap best
         candidates = _code(pre, m.row_cap)
         cutoff = candidates.flatten().topk(x.shape[0] * m.k).values.min()
         z = candidates * (candidates >= cutoff)
@@ -54,6 +55,10 @@ def _reference_loss(m, params: dict[str, torch.Tensor], dead: torch.Tensor, x, y
     total_variance = (yn - yn.mean(0)).pow(2).sum()
     error = decode(z) - yn
     loss = error.pow(2).sum() / total_variance
+    if m.kind.startswith("matryoshka"):
+        prefixes = m.matryoshka_prefixes
+        latent = torch.arange(m.n_latents)
+        loss = sum((decode(z * (latent < size)) - yn).pow(2).sum() / total_variance for size in prefixes) / len(prefixes)
     if m.multi_topk:
         loss = loss + (decode(_code(pre, 4 * m.k)) - yn).pow(2).sum() / total_variance / 8
     aux_z = _code(pre.masked_fill(~dead, -torch.inf), m.aux_k)
@@ -70,6 +75,8 @@ def _reference_loss(m, params: dict[str, torch.Tensor], dead: torch.Tensor, x, y
         {"d_out": 7, "skip_connection": True},
         {"normalize": "layernorm", "k_aux": 6},
         {"kind": "batchtopk", "k": 3},
+        {"kind": "matryoshka_batchtopk", "k": 3, "matryoshka_prefixes": [10, 40, 80]},
+        {"kind": "matryoshka_topk", "matryoshka_prefixes": [3, 57, 80], "d_out": 7, "skip_connection": True},
     ],
 )
 def test_sparse_backward_equals_autograd(model):

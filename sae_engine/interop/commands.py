@@ -51,8 +51,9 @@ def register(commands) -> None:
     imp.add_argument("path", help="the peer's folder (or a dictionary_learning / InterPLM ae.pt file)")
     imp.add_argument("--format", choices=EXPORT_FORMATS[1:], required=True)
     imp.add_argument("--out", required=True, help="new run folder")
-    imp.add_argument("--k", type=int, help="threshold encoders (ReLU, JumpReLU) carry no k: the BatchTopK k "
-                                            "for further training")
-    imp.add_argument("--row-cap", type=int, help="threshold encoders: latents kept per vector at most "
-                                                  "(default 4k; exact where no vector has more above the threshold)")
+    imp.add_argument("--k", type=int, help="threshold encoders (ReLU, one-threshold JumpReLU) carry no k: the "
+                                            "BatchTopK k for further training")
+    imp.add_argument("--row-cap", type=int, help="threshold encoders: latents kept per vector at most (default 4k; "
+                                                  "JumpReLU with per-latent thresholds: its lowest-index active "
+                                                  "latents, the rest counted as overflow)")
     imp.set_defaults(run=_import)

@@ -25,7 +25,10 @@ from .portable import RELU_THRESHOLD, InteropError, PortableSAE
 
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
-CLASSES = {"topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE"}
+CLASSES = {"topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE", "jumprelu": "JumpReluAutoEncoder"}
+JUMPRELU_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # JumpReluAutoEncoder's state: W_enc [d, n]
+MATRYOSHKA_CLASS = "MatryoshkaBatchTopKSAE"  # W_enc [d, n], W_dec [n, d], k, threshold, group_sizes
+MATRYOSHKA_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes")
 
 
 def save(sae: PortableSAE, out: Path) -> Path:
@@ -33,6 +36,12 @@ def save(sae: PortableSAE, out: Path) -> Path:
     if sae.transcoder:
         raise InteropError("dictionary_learning cannot represent a transcoder (its dictionaries reconstruct "
                            "their input); use --format sparsify or saelens")
+    if sae.kind == "jumprelu":
+        return _write(_jumprelu_state(sae), {"dict_class": CLASSES["jumprelu"], "activation_dim": sae.d_in,
+                                             "dict_size": sae.n_latents}, out)
+    if sae.prefixes is not None:
+        return _write(_matryoshka_state(sae), {"dict_class": MATRYOSHKA_CLASS, "activation_dim": sae.d_in,
+                                               "dict_size": sae.n_latents, "k": sae.k}, out)
     state = {
         "k": torch.tensor(sae.k, dtype=torch.int32),
         "threshold": torch.tensor(float(sae.threshold) if sae.kind == "batchtopk" else -1.0, dtype=torch.float32),
@@ -41,13 +50,65 @@ def save(sae: PortableSAE, out: Path) -> Path:
         "encoder.bias": sae.b_enc.contiguous().float(),
         "b_dec": sae.b_dec.contiguous().float(),
     }
-    config = {"trainer": {"dict_class": CLASSES[sae.kind], "activation_dim": sae.d_in, "dict_size": sae.n_latents,
-                          "k": sae.k}}
+    return _write(state, {"dict_class": CLASSES[sae.kind], "activation_dim": sae.d_in, "dict_size": sae.n_latents,
+                          "k": sae.k}, out)
+
+
+def _write(state: dict[str, torch.Tensor], trainer: dict, out: Path) -> Path:
+    """``ae.pt`` (state) and ``config.json`` ({"trainer": trainer}) in a folder made whole at ``out``."""
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state, tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        (tmp / CONFIG).write_text(json.dumps({"trainer": trainer}, indent=2))
     return out
+
+
+def _jumprelu_state(sae: PortableSAE) -> dict[str, torch.Tensor]:
+    """JumpReluAutoEncoder's state dict: it encodes x @ W_enc + b_enc without subtracting b_dec
+    (apply_b_dec_to_input is False), so b_enc holds b_enc - W_enc b_dec."""
+    return {"W_enc": sae.W_enc.T.contiguous().float(), "b_enc": (sae.b_enc - sae.W_enc @ sae.b_dec).float(),
+            "W_dec": sae.W_dec.contiguous().float(), "b_dec": sae.b_dec.contiguous().float(),
+            "threshold": sae.thresholds.contiguous().float()}
+
+
+def _matryoshka_state(sae: PortableSAE) -> dict[str, torch.Tensor]:
+    """MatryoshkaBatchTopKSAE's state dict: group sizes are the differences of the prefix sizes."""
+    sizes = torch.diff(torch.tensor([0, *sae.prefixes]))
+    return {"W_enc": sae.W_enc.T.contiguous().float(), "b_enc": sae.b_enc.contiguous().float(),
+            "W_dec": sae.W_dec.contiguous().float(), "b_dec": sae.b_dec.contiguous().float(),
+            "k": torch.tensor(sae.k, dtype=torch.int32), "threshold": torch.tensor(float(sae.threshold or 0.0)),
+            "group_sizes": sizes}
+
+
+def _matryoshka_from(state: dict[str, torch.Tensor], k: int | None, row_cap: int | None, weights: Path) -> PortableSAE:
+    """A MatryoshkaBatchTopKSAE state dict as a BatchTopK PortableSAE that keeps its prefixes."""
+    stored_k, threshold = int(state["k"]), float(state["threshold"])
+    if k is not None and k != stored_k:
+        raise InteropError(f"{weights}: --k {k} differs from the file's k = {stored_k}")
+    if threshold < 0:
+        raise InteropError(f"{weights}: a {MATRYOSHKA_CLASS} without an inference threshold ({threshold})")
+    sae = PortableSAE(kind="batchtopk", k=stored_k, W_enc=state["W_enc"].T.float().contiguous(),
+                      b_enc=state["b_enc"].float(), W_dec=state["W_dec"].float(), b_dec=state["b_dec"].float(),
+                      threshold=max(threshold, RELU_THRESHOLD), row_cap=row_cap,
+                      prefixes=torch.cumsum(state["group_sizes"], 0).tolist())
+    sae.check(str(weights))
+    return sae
+
+
+def _jumprelu_from(state: dict[str, torch.Tensor], row_cap: int | None, k: int | None, weights: Path) -> PortableSAE:
+    """A JumpReluAutoEncoder state dict as a JumpReLU PortableSAE (relu(pre) * (pre > threshold):
+    thresholds below 0 act as 0)."""
+    if row_cap is None and k is None:
+        raise InteropError(f"{weights}: a JumpReLU SAE keeps every latent above its threshold; pass --row-cap "
+                           "(latents a vector keeps at most; the rest are counted as overflow)")
+    W_enc, b_dec = state["W_enc"].T.float(), state["b_dec"].float()
+    n = W_enc.shape[0]
+    sae = PortableSAE(kind="jumprelu", k=k if k is not None else max(1, min(row_cap, n) // 4),
+                      W_enc=W_enc.contiguous(), b_enc=state["b_enc"].float() + W_enc @ b_dec,
+                      W_dec=state["W_dec"].float(), b_dec=b_dec, row_cap=row_cap,
+                      thresholds=state["threshold"].float().clamp_min(0.0))
+    sae.check(str(weights))
+    return sae
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
@@ -77,6 +138,16 @@ def load(path: Path, k: int | None = None, row_cap: int | None = None) -> Portab
         raise InteropError(f"{weights}: normalize_to_sqrt_d = True rescales each vector by its own norm, "
                            "which no weights can hold")
     dict_class = config.get("trainer", {}).get("dict_class")
+    if dict_class == MATRYOSHKA_CLASS:
+        missing = [name for name in MATRYOSHKA_TENSORS if name not in state]
+        if missing:
+            raise InteropError(f"{weights}: missing tensor(s) {missing} (has {sorted(state)})")
+        return _matryoshka_from(state, k, row_cap, weights)
+    if dict_class == CLASSES["jumprelu"] or (dict_class is None and all(name in state for name in JUMPRELU_TENSORS)):
+        missing = [name for name in JUMPRELU_TENSORS if name not in state]
+        if missing:
+            raise InteropError(f"{weights}: missing tensor(s) {missing} (has {sorted(state)})")
+        return _jumprelu_from(state, row_cap, k, weights)
     relu = "bias" in state and "b_dec" not in state
     names = ["encoder.weight", "encoder.bias", "decoder.weight"] + (["bias"] if relu else ["b_dec", "k"])
     missing = [name for name in names if name not in state]

@@ -23,12 +23,16 @@ from sae_kernels import EMPTY
 
 from ..atomic import atomic_path
 from ..checkpoints.single import save_checkpoint
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, default_prefixes
 from ..checkpoints.export import ExportError
 from ..checkpoints.runs import RunWeights
 
 # A ReLU encoder as a threshold encoder: keep every strictly positive pre-activation.
 RELU_THRESHOLD = torch.finfo(torch.float32).tiny
+
+
+# A Matryoshka SAE's prefixes shape its training only: at inference it is the TopK / BatchTopK SAE it trains.
+INFERENCE_KINDS = {"matryoshka_topk": "topk", "matryoshka_batchtopk": "batchtopk"}
 
 
 class InteropError(ExportError):
@@ -39,8 +43,8 @@ class InteropError(ExportError):
 class PortableSAE:
     """Shapes: W_enc [n, d_in], b_enc [n], W_dec [n, d_out], b_dec [d_out], W_skip [d_out, d_in]."""
 
-    kind: str  # "topk" or "batchtopk"
-    k: int  # TopK: latents per vector; BatchTopK: the batch budget per vector in training
+    kind: str  # "topk", "batchtopk" or "jumprelu"
+    k: int  # TopK: latents per vector; BatchTopK: the batch budget per vector in training; JumpReLU: unused
     W_enc: torch.Tensor
     b_enc: torch.Tensor
     W_dec: torch.Tensor
@@ -48,7 +52,9 @@ class PortableSAE:
     transcoder: bool = False
     W_skip: torch.Tensor | None = None
     threshold: float | None = None  # BatchTopK inference threshold
-    row_cap: int | None = None  # BatchTopK: candidates per row at inference; None = 4k
+    row_cap: int | None = None  # BatchTopK: candidates per row at inference; JumpReLU: latents kept per row; None = 4k
+    thresholds: torch.Tensor | None = None  # JumpReLU: per-latent thresholds [n] (>= 0)
+    prefixes: list[int] | None = None  # Matryoshka BatchTopK: the prefix sizes it trained with (inference ignores them)
 
     @property
     def n_latents(self) -> int:
@@ -64,8 +70,8 @@ class PortableSAE:
 
     @property
     def inference_k(self) -> int:
-        """Latents each row's selection keeps before any threshold."""
-        if self.kind == "batchtopk":
+        """Latents each row's selection keeps (BatchTopK: before its threshold)."""
+        if self.kind in ("batchtopk", "jumprelu"):
             return min(self.row_cap or 4 * self.k, self.n_latents)
         return self.k
 
@@ -89,9 +95,12 @@ class PortableSAE:
             raise InteropError(f"{origin}: " + "; ".join(problems))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= n:
             raise InteropError(f"{origin}: k = {self.k!r} cannot run: the kernels need 1 <= k <= n_latents = {n}")
-        if self.kind == "batchtopk" and not 1 <= self.inference_k <= n:
+        if self.kind in ("batchtopk", "jumprelu") and not 1 <= self.inference_k <= n:
             raise InteropError(f"{origin}: row cap {self.row_cap!r} cannot run: it must be in 1..{n}")
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"):
+        if self.kind == "jumprelu" and (self.thresholds is None or self.thresholds.shape != (n,)):
+            shape = None if self.thresholds is None else tuple(self.thresholds.shape)
+            raise InteropError(f"{origin}: JumpReLU thresholds have shape {shape}, expected ({n},)")
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "thresholds"):
             t = getattr(self, name)
             if t is not None and not torch.isfinite(t).all():
                 raise InteropError(f"{origin}: {name} holds NaN or Inf values")
@@ -102,11 +111,21 @@ class PortableSAE:
         """Sparse code of raw x [B, d_in]. -> values, indices [B, inference_k] (index -1: none)."""
         x = x.float()
         x_c = x if self.transcoder else x - self.b_dec
+        if self.kind == "jumprelu":
+            code = self.threshold_code(x)
+            return code.values, code.indices
         values, indices = sae_kernels.topk_encode(x_c, self.W_enc, self.b_enc, self.inference_k)
         if self.kind == "batchtopk":
             keep = values >= (self.threshold or 0.0)
             values, indices = values * keep, indices.masked_fill(~keep, EMPTY)
         return values, indices
+
+    def threshold_code(self, x: torch.Tensor) -> sae_kernels.ThresholdCode:
+        """A JumpReLU SAE's code of raw x [B, d_in] through ``sae_kernels.threshold_encode``: per row
+        the active latents in index order up to the row cap, exact counts and the overflow flags [B]."""
+        x = x.float()
+        x_c = x if self.transcoder else x - self.b_dec
+        return sae_kernels.threshold_encode(x_c, self.W_enc, self.b_enc, self.thresholds, self.inference_k)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Output [B, d_out] of a code; a transcoder with a skip connection also needs x [B, d_in]."""
@@ -116,6 +135,11 @@ class PortableSAE:
                 raise ValueError("a skip transcoder's output needs its input x")
             out = out + x.float() @ self.W_skip.T
         return out
+
+
+def _prefixes(model: dict[str, Any]) -> list[int]:
+    """A Matryoshka run's prefix sizes from its ``[model]`` table (the default when it sets none)."""
+    return list(model.get("matryoshka_prefixes") or default_prefixes(int(model["n_latents"])))
 
 
 def from_run_weights(weights: RunWeights, origin: str) -> PortableSAE:
@@ -138,15 +162,19 @@ def from_run_weights(weights: RunWeights, origin: str) -> PortableSAE:
     transcoder = m.get("d_out") is not None
     W_skip = t.get("param.W_skip")
     k = int(m["k"])
-    row_cap = min(m.get("batchtopk_row_cap") or 4 * k, int(m["n_latents"]))
+    kind = INFERENCE_KINDS.get(m["kind"], m["kind"])
+    cap = m.get("jumprelu_row_cap") if kind == "jumprelu" else m.get("batchtopk_row_cap")
+    row_cap = min(cap or 4 * k, int(m["n_latents"]))
     sae = PortableSAE(
-        kind=m["kind"], k=k,
+        kind=kind, k=k,
         W_enc=t["param.W_enc"].float() * s_in, b_enc=t["param.b_enc"].float().clone(),
         W_dec=t["param.W_dec"].float() / s_out, b_dec=t["param.b_dec"].float() / s_out,
         transcoder=transcoder,
         W_skip=None if W_skip is None else W_skip.float() * (s_in / s_out),
-        threshold=float(t["buffer.batchtopk_threshold"]) if m["kind"] == "batchtopk" else None,
-        row_cap=row_cap if m["kind"] == "batchtopk" else None,
+        threshold=float(t["buffer.batchtopk_threshold"]) if kind == "batchtopk" else None,
+        row_cap=row_cap if kind in ("batchtopk", "jumprelu") else None,
+        thresholds=t["param.threshold"].float().clone() if kind == "jumprelu" else None,
+        prefixes=_prefixes(m) if m["kind"] == "matryoshka_batchtopk" else None,
     )
     sae.check(origin)
     return sae
@@ -170,11 +198,15 @@ def run_config(sae: PortableSAE, out_dir: Path) -> RunConfig:
     model: dict[str, Any] = {
         "d_in": sae.d_in, "n_latents": sae.n_latents, "k": sae.k, "kind": sae.kind, "normalize": "none",
     }
+    if sae.prefixes is not None:  # continues training as the Matryoshka BatchTopK SAE it was
+        model.update(kind="matryoshka_batchtopk", matryoshka_prefixes=list(sae.prefixes))
     if sae.transcoder:
         model["d_out"] = sae.d_out
         model["skip_connection"] = sae.W_skip is not None
     if sae.kind == "batchtopk":
         model["batchtopk_row_cap"] = sae.inference_k
+    if sae.kind == "jumprelu":
+        model["jumprelu_row_cap"] = sae.inference_k
     try:
         return RunConfig.from_dict({"model": model, "train": {"out_dir": str(out_dir)}}, origin="import")
     except ConfigError as error:
@@ -200,6 +232,8 @@ def write_run(sae: PortableSAE, out_dir: str | Path, imported_from: dict[str, st
                 backend.params[name].copy_(getattr(sae, name))
         if sae.kind == "batchtopk":
             backend.buffers["batchtopk_threshold"].fill_(sae.threshold or 0.0)
+        if sae.kind == "jumprelu":
+            backend.params["threshold"].copy_(sae.thresholds)
     meta = {"config": config.to_dict(), "step": 0, "tokens": 0, "adam_count": 0, "aux_active": False,
             "imported_from": imported_from}
     with atomic_path(out_dir) as tmp:

@@ -3,8 +3,11 @@
 ``SAE.load_from_disk(DIR)`` reads it. SAELens keeps ``W_enc`` as [d_in, n] (the engine's
 transpose) and ``W_dec`` as [n, d_out]. Architectures written and read:
     topk                       TopK SAE (SAELens has no TopK transcoder)
-    jumprelu                   BatchTopK SAE at inference (SAELens saves its own BatchTopK SAEs
-                               so): one threshold for every latent
+    jumprelu                   JumpReLU SAE (per-latent thresholds), and a BatchTopK SAE at
+                               inference (SAELens saves its own BatchTopK SAEs so): one
+                               threshold for every latent; read: one threshold -> BatchTopK
+                               (needs --k), per-latent ones -> JumpReLU (through
+                               ``sae_kernels.threshold_encode``, up to --row-cap latents a vector)
     jumprelu_transcoder,       BatchTopK transcoder, without / with a skip connection
     jumprelu_skip_transcoder
     standard, transcoder,      read only: ReLU, as a threshold encoder (see portable.py)
@@ -43,7 +46,8 @@ def save(sae: PortableSAE, out: Path) -> Path:
     if sae.kind == "topk":
         cfg.update(architecture="topk", k=sae.k, rescale_acts_by_decoder_norm=False)
     else:
-        weights["threshold"] = torch.full((sae.n_latents,), float(sae.threshold or 0.0))
+        weights["threshold"] = (sae.thresholds if sae.kind == "jumprelu"
+                                else torch.full((sae.n_latents,), float(sae.threshold or 0.0)))
         cfg["architecture"] = "jumprelu"
         if sae.transcoder:
             cfg.update(architecture="jumprelu_skip_transcoder" if sae.W_skip is not None else "jumprelu_transcoder",
@@ -110,22 +114,36 @@ def load(path: Path, k: int | None = None, row_cap: int | None = None) -> Portab
         if k is not None and k != cfg["k"]:
             raise InteropError(f"{cfg_path}: --k {k} differs from the file's k = {cfg['k']}")
         sae.k = cfg["k"]
+    elif arch in THRESHOLD_ARCHITECTURES and not _one_value(tensors["threshold"]):
+        _as_jumprelu(sae, tensors["threshold"], k, row_cap, cfg_path)
     else:
         if k is None:
             raise InteropError(f"{cfg_path}: a {arch} SAE has no k; pass --k (the BatchTopK k for further "
                                "training; inference keeps up to --row-cap latents above the threshold)")
         sae.kind, sae.k, sae.row_cap = "batchtopk", k, row_cap
-        if arch in THRESHOLD_ARCHITECTURES:
-            threshold = tensors["threshold"]
-            if threshold.shape != (sae.n_latents,) or threshold.min() != threshold.max():
-                raise InteropError(f"{weights_path}: per-latent JumpReLU thresholds (from {threshold.min().item():.4g} "
-                                   f"to {threshold.max().item():.4g}) cannot be held: sae-engine's BatchTopK has "
-                                   "one threshold for all latents")
-            sae.threshold = max(float(threshold[0]), RELU_THRESHOLD)
-        else:
-            sae.threshold = RELU_THRESHOLD
+        sae.threshold = max(float(tensors["threshold"][0]), RELU_THRESHOLD) if arch in THRESHOLD_ARCHITECTURES \
+            else RELU_THRESHOLD
     sae.check(str(path))
     return sae
+
+
+def _one_value(threshold: torch.Tensor) -> bool:
+    """Whether JumpReLU thresholds [n] are one value for every latent (a BatchTopK SAE's)."""
+    return threshold.numel() > 0 and bool(threshold.min() == threshold.max())
+
+
+def _as_jumprelu(sae: PortableSAE, threshold: torch.Tensor, k: int | None, row_cap: int | None, where: Path) -> None:
+    """Make ``sae`` a JumpReLU SAE with per-latent thresholds [n]. SAELens computes
+    relu(pre) * (pre > threshold), so a threshold below 0 acts as 0 (kept >= 0 here). row_cap:
+    latents a vector keeps at most (needed: the file has none); k: only the default 4k row cap's."""
+    if threshold.shape != (sae.n_latents,):
+        raise InteropError(f"{where}: threshold has shape {tuple(threshold.shape)}, expected ({sae.n_latents},)")
+    if row_cap is None and k is None:
+        raise InteropError(f"{where}: a JumpReLU SAE keeps every latent above its threshold; pass --row-cap "
+                           "(latents a vector keeps at most; the rest are counted as overflow)")
+    sae.kind, sae.thresholds = "jumprelu", threshold.clamp_min(0.0)
+    sae.row_cap = row_cap
+    sae.k = k if k is not None else max(1, min(row_cap, sae.n_latents) // 4)
 
 
 def kernel_weights(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

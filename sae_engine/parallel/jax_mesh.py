@@ -17,15 +17,17 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sae_kernels import jax as kj
+
 from ..checkpoints.keys import ROW_PARAMS
 from ..config import ConfigError, RunConfig
 from ..training.jax_backend import JaxSAE
-from .jax_sharded import batch_spec, make_mesh, sharded_decode, sharded_topk
+from .jax_sharded import batch_spec, make_mesh, sharded_decode, sharded_prefix_decode, sharded_topk
 
 
 @dataclass(frozen=True)
 class MeshKernels:
-    """``sae_kernels.jax``'s two code kernels over W split on the mesh's ``latent`` axis."""
+    """``sae_kernels.jax``'s code kernels over W split on the mesh's ``latent`` axis."""
 
     mesh: Mesh
 
@@ -34,6 +36,14 @@ class MeshKernels:
 
     def sparse_decode(self, values, indices, W_dec):
         return sharded_decode(values, indices, W_dec, self.mesh)
+
+    def threshold_encode(self, x, W_enc, b_enc, threshold, cap: int, band=None):
+        # One computation over the whole mesh as XLA partitions it (correct, not yet the per-device
+        # compaction a latent split would want); placements refuse JumpReLU with latent > 1 for now.
+        return kj.threshold_encode(x, W_enc, b_enc, threshold, cap, band=band)
+
+    def prefix_decode(self, values, indices, W_dec, boundaries: tuple[int, ...]):
+        return sharded_prefix_decode(values, indices, W_dec, tuple(boundaries), self.mesh)
 
 
 def _is_row_path(path: tuple) -> bool:

@@ -6,9 +6,12 @@ split), selects its top k with ``sae_kernels.jax.topk_encode``, the (pre-activat
 index) candidates are gathered with ``lax.all_gather`` and sorted by (key descending, index
 ascending) in one ``lax.sort``; each device decodes its own winners and ``lax.psum`` adds the
 parts. Rows of x are split over ``data`` (when their count divides evenly; otherwise every data
-group computes all of them). Both are differentiable: gradients flow through the kernels' custom
-VJPs on each device and ``shard_map``'s transposes sum them over the mesh, except W's over
-``data``, which ``spread_over_data`` sums by touched rows where that sends fewer bytes.
+group computes all of them). The Matryoshka prefix decode is the decoder's: each device decodes
+its part of every prefix with ``sae_kernels.jax.prefix_decode`` at its own (static) boundaries,
+picked by its latent rank, and ``lax.psum`` adds the parts. All are differentiable: gradients
+flow through the kernels' custom VJPs on each device and ``shard_map``'s transposes sum them over
+the mesh, except W's over ``data``, which ``spread_over_data`` sums by touched rows where that
+sends fewer bytes.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sae_kernels import jax as kj
+
+from ..training.backend import local_prefixes
 
 EMPTY = kj.EMPTY
 
@@ -167,4 +172,47 @@ def sharded_decode(values, indices, W_dec, mesh: Mesh):
         return lax.psum(part, "latent")
 
     return jax.shard_map(body, mesh=mesh, in_specs=(code_spec, code_spec, W_spec), out_specs=code_spec,
+                         check_vma=False)(values, indices, W)
+
+
+def _device_prefixes(boundaries: tuple[int, ...], lo: int, rows: int) -> tuple[tuple[int, ...], list[int]]:
+    """``local_prefixes`` of the device holding rows [lo, lo + rows) (padding past n included):
+    its ``prefix_decode`` boundaries, ending at ``rows``, and the map of the G prefixes onto them."""
+    local, group_map = local_prefixes(list(boundaries), lo, lo + rows)
+    if not local or local[-1] < rows:  # the padding rows close the last local prefix
+        local = [*local, rows]
+    return tuple(local), group_map
+
+
+def _prefix_part(local: tuple[int, ...], group_map: list[int]):
+    """One device's part of every prefix: values, local indices [B, k], W [rows, d] -> fp32 [G, B, d]."""
+    def part(values, indices, W):
+        parts = kj.prefix_decode(values, indices, W, local).astype(jnp.float32)
+        padded = jnp.concatenate([jnp.zeros((1,) + parts.shape[1:], jnp.float32), parts])
+        return padded[np.asarray(group_map) + 1]
+
+    return part
+
+
+@partial(jax.jit, static_argnames=("boundaries", "mesh"))
+def sharded_prefix_decode(values, indices, W_dec, boundaries: tuple[int, ...], mesh: Mesh):
+    """``sae_kernels.jax.prefix_decode`` of a code with global indices [B, k] over W_dec [n, d]
+    split on ``latent``, for the prefix sizes ``boundaries`` (m_G = n). -> fp32 [G, B, d]."""
+    L = mesh.shape["latent"]
+    W = pad_to_multiple(W_dec, L, 0)
+    rows = W.shape[0] // L
+    code_spec = batch_spec(values.shape[0], mesh)
+    W, W_spec, block = _weights_in(W, mesh, _batch_per_device(values.shape[0], code_spec, mesh), values.shape[1])
+    branches = [_prefix_part(*_device_prefixes(boundaries, r * rows, rows)) for r in range(L)]
+
+    def body(values, indices, W):
+        W = block(W)
+        rank = lax.axis_index("latent")
+        lo = rank * rows
+        mine = (indices >= lo) & (indices < lo + rows)
+        part = lax.switch(rank, branches, values, jnp.where(mine, indices - lo, EMPTY), W)
+        return lax.psum(part, "latent")
+
+    out_spec = P(None, "data") if code_spec == P("data") else P()
+    return jax.shard_map(body, mesh=mesh, in_specs=(code_spec, code_spec, W_spec), out_specs=out_spec,
                          check_vma=False)(values, indices, W)

@@ -119,8 +119,17 @@ class JaxMesh:
         return flag
 
 
+def check_latent_split(config: RunConfig) -> None:
+    """ConfigError for a model whose per-latent tensors the sharded checkpoints cannot yet split:
+    JumpReLU's thresholds, until ``checkpoints.keys`` lists them among the row parameters."""
+    if config.model.kind == "jumprelu" and config.parallel.latent > 1 and not is_row_param("param.threshold"):
+        raise ConfigError(f"parallel.latent = {config.parallel.latent}: model.kind = 'jumprelu' trains split over "
+                          "data ranks only for now (its sharded checkpoints cannot split param.threshold by latent)")
+
+
 def torch_placement(config: RunConfig) -> Placement:
     """One process, or this process's rank of the torchrun mesh ``[parallel]`` asks for."""
+    check_latent_split(config)
     mesh = build_mesh(config.parallel, config.model.n_latents, resolve_device(config.train.device).type)
     return OneProcess(config) if mesh is None else TorchMesh(mesh)
 
@@ -133,6 +142,7 @@ def jax_placement(config: RunConfig) -> Placement:
                           "(python -m sae_engine train ...)")
     if p.world_size == 1:
         return OneProcess(config)
+    check_latent_split(config)
     why = p.check_latents(config.model.n_latents)
     if why:
         raise ConfigError(f"parallel.latent = {p.latent}: {why} (model.n_latents = {config.model.n_latents})")

@@ -19,6 +19,23 @@ The constants both backends use are named below (``MULTI_TOPK_WIDTH`` and the re
   learned in training. Both give codes of width ``row_cap`` whose unkept slots are EMPTY.
   Multi-TopK is defined for a fixed per-row k and BatchTopK has none (its L0 is set by the
   threshold at inference), so ``RunConfig.validate`` rejects the combination.
+- JumpReLU (Rajamanoharan et al. 2024): latent i is active where its pre-activation exceeds
+  its learned threshold theta_i (>= 0), with the pre-activation as value
+  (``sae_kernels.threshold_encode``); the code holds a row's active latents in index order up
+  to ``row_cap`` (``model.jumprelu_row_cap``; rows with more keep their lowest-index ones and
+  count in the ``overflow`` metric). Loss: FVU + ``l0_coef`` * (mean active latents per vector)
+  (+ AuxK); theta gets the rectangle-kernel pseudo-gradient of bandwidth
+  ``jumprelu_bandwidth`` from both terms (``sae_kernels.threshold_encode``'s docstring), the
+  encoder the straight-through gradient of the active values and none from the L0 term
+  (the paper's recipe; SAELens' default). Split over latent rows, each process's code holds
+  its own active latents (no all-gather) and the cap applies per process.
+- Matryoshka TopK / BatchTopK (Bussmann et al. 2025; Nabeshima 2024): the code of TopK /
+  BatchTopK; the loss is the mean over the prefixes m_1 < ... < m_G = n (``model.prefixes``)
+  of each prefix's FVU, the prefix's prediction being the decode of the code's latents below
+  m_g plus b_dec (and the skip connection): ``matryoshka_loss_weights``. dictionary_learning's
+  MatryoshkaBatchTopKTrainer weights its prefixes equally by default; SAELens sums them
+  unweighted (a factor G on the reconstruction terms against AuxK). The reported ``fvu`` is the
+  whole dictionary's (the last prefix); AuxK reconstructs its residual, as for the other kinds.
 """
 from __future__ import annotations
 
@@ -31,7 +48,7 @@ import torch
 from ..config import ModelConfig, RunConfig, TrainConfig
 from .precision import Precision, resolve_precision
 
-METRICS = ("loss", "fvu", "aux_loss", "l0")  # what train_step returns
+METRICS = ("loss", "fvu", "aux_loss", "l0", "overflow")  # what train_step returns
 EVAL_METRICS = ("eval_fvu", "eval_l0")  # what evaluate returns
 LATENT_STATS = ("dead_fraction", "dense_fraction")  # what latent_stats returns
 
@@ -43,20 +60,42 @@ DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of a window'
 AUX_VARIANCE_FLOOR = 1e-12  # AuxK divides by the residual's variance, at least this
 LAYER_NORM_EPS = 1e-5  # added to the variance in the per-vector normalisation (model.normalize = "layernorm")
 ROW_NORM_FLOOR = 1e-12  # decoder rows are divided by their norm, at least this, back to unit norm
+# JumpReLU (Rajamanoharan et al. 2024): the thresholds' initial value (the paper's, on inputs of
+# unit mean squared norm; dictionary_learning's too). The threshold is the parameter itself, kept
+# >= 0 after each step, as SAELens trains it (the paper trains its logarithm).
+JUMPRELU_INIT_THRESHOLD = 0.001
 
 
 def selection_width(m: ModelConfig) -> int:
     """Candidates per row the encoder selects in a training step: k, 4k with Multi-TopK,
-    row_cap for BatchTopK (at most n_latents)."""
-    if m.kind == "batchtopk":
+    row_cap for BatchTopK and JumpReLU (at most n_latents)."""
+    if m.batch_selection or m.kind == "jumprelu":
         return m.row_cap
     return min(MULTI_TOPK_WIDTH * m.k if m.multi_topk else m.k, m.n_latents)
 
 
 def code_width(m: ModelConfig) -> int:
     """Width w of the model's code (``encode``, ``evaluate``, the main loss): k for TopK,
-    row_cap for BatchTopK (slots not kept are EMPTY)."""
-    return m.row_cap if m.kind == "batchtopk" else m.k
+    row_cap for BatchTopK and JumpReLU (slots not kept are EMPTY)."""
+    return m.row_cap if m.batch_selection or m.kind == "jumprelu" else m.k
+
+
+def matryoshka_loss_weights(m: ModelConfig) -> list[float]:
+    """The weight of each prefix's FVU in the loss: equal, summing to 1 (one prefix: 1.0, BatchTopK's loss)."""
+    G = len(m.prefixes)
+    return [1.0 / G] * G
+
+
+def local_prefixes(prefixes: list[int], lo: int, hi: int) -> tuple[list[int], list[int]]:
+    """The Matryoshka prefixes m_1 < ... < m_G = n as a holder of the latent rows [lo, hi) sees them.
+
+    Its rows contribute to every prefix g with m_g > lo, the first min(m_g, hi) - lo of them.
+    -> (local sizes: the distinct values of those counts, strictly increasing and ending at
+    hi - lo, the boundaries of its own ``prefix_decode``; group_map [G]: for each prefix g the
+    local prefix whose partial reconstruction is this holder's part of it, -1 where m_g <= lo)."""
+    counts = [min(m, hi) - lo if m > lo else 0 for m in prefixes]
+    local = sorted({c for c in counts if c > 0})
+    return local, [local.index(c) if c > 0 else -1 for c in counts]
 
 
 def state_shapes(m: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -65,6 +104,8 @@ def state_shapes(m: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype
     params = {"W_enc": (n, d_in), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
     if m.skip_connection:
         params["W_skip"] = (d_out, d_in)
+    if m.kind == "jumprelu":
+        params["threshold"] = (n,)
     out = {f"param.{name}": (shape, torch.float32) for name, shape in params.items()}
     out.update({f"adam.{moment}.{name}": (shape, torch.float32) for moment in "mv" for name, shape in params.items()})
     out.update({

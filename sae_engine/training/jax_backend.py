@@ -5,8 +5,11 @@ Model (``SparseAutoencoder``, shapes in latents n, input width d_in, target widt
     W_skip [d_out, d_in] for transcoders with a skip connection; beside them, state the optimizer
     never sees: ``LatentStat``s since_fired [n + 1], fire_count [n + 1] (int32; slot n absorbs
     empty and zero-valued code slots) and batchtopk_threshold [], and ``DataScale``s in_scale [],
-    out_scale []. Codes and losses (FVU, Multi-TopK, AuxK) are those of ``TorchSAE``, computed
-    with ``sae_kernels.jax``, whose custom VJPs make the backward sparse. The contract, the code
+    out_scale []. Codes and losses (FVU, Multi-TopK, Matryoshka prefixes, AuxK) are those of
+    ``TorchSAE``, computed with ``sae_kernels.jax`` (``prefix_decode`` for every Matryoshka
+    prefix in one pass; ``threshold_encode`` for JumpReLU, whose ``nnx.Param`` threshold [n] gets
+    its rectangle-kernel pseudo-gradient through a surrogate term of zero value), whose custom
+    VJPs make the backward sparse. The contract, the code
     widths and the compute precision are ``sae_engine.training.backend``'s.
 
 Optimizer: ``optax.chain(clip_by_global_norm, scale_by_adam)`` with the learning rate applied
@@ -23,8 +26,8 @@ and dtypes (optax's ``ScaleByAdamState`` mu, nu and count become ``adam.m.*``, `
 tensors from the ring buffer and cross over through DLPack without a copy.
 
 Placement (``Layout``): by default the state lives on the devices of the batch it trains on,
-replicated; ``shard_batch`` lays a batch out over a ``jax.sharding.Mesh`` axis ("data") and XLA
-inserts the reductions. ``sae_engine.parallel.jax_mesh`` gives a layout from outside that also
+replicated; a batch laid out over a ``jax.sharding.Mesh`` axis ("data") trains data-parallel,
+XLA inserting the reductions. ``sae_engine.parallel.jax_mesh`` gives a layout from outside that also
 splits the latents over a mesh axis; the model then holds its per-latent arrays padded to
 ``Layout.rows(n)`` rows (padding rows are never selected and stay zero; checkpoint tensors have
 exactly n rows).
@@ -46,8 +49,9 @@ from sae_kernels import jax as kernels
 
 from ..checkpoints.keys import ROW_PARAMS, STATISTICS, is_row_param
 from ..config import ModelConfig, RunConfig, TrainConfig
-from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, LAYER_NORM_EPS, MULTI_TOPK_WEIGHT,
-                      ROW_NORM_FLOOR, code_width, latent_fractions, selection_width)
+from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, JUMPRELU_INIT_THRESHOLD, LAYER_NORM_EPS,
+                      MULTI_TOPK_WEIGHT,
+                      ROW_NORM_FLOOR, code_width, latent_fractions, matryoshka_loss_weights, selection_width)
 from .init import geometric_median, initial_weights, mean_squared_norm_scale
 from .precision import resolve_precision
 
@@ -118,6 +122,8 @@ class SparseAutoencoder(nnx.Module):
         self.W_dec = nnx.Param(pad_to_rows(jnp.asarray(weights["W_dec"].numpy()), self.rows))
         self.b_dec = nnx.Param(jnp.zeros(d_out, jnp.float32))
         self.W_skip = nnx.Param(jnp.zeros((d_out, d_in), jnp.float32)) if config.skip_connection else None
+        self.threshold = (nnx.Param(jnp.full(self.rows, JUMPRELU_INIT_THRESHOLD, jnp.float32))
+                          if config.kind == "jumprelu" else None)
         self.since_fired = LatentStat(jnp.zeros(n + 1, jnp.int32))
         self.fire_count = LatentStat(jnp.zeros(n + 1, jnp.int32))
         self.batchtopk_threshold = LatentStat(jnp.zeros((), jnp.float32))
@@ -166,10 +172,13 @@ class SparseAutoencoder(nnx.Module):
         m = self.config
         x_c = xn if m.is_transcoder else xn - self.b_dec[...]
         W_enc, b_enc, _ = self._weights()
+        if m.kind == "jumprelu":
+            code = self.threshold_code(x_c, band=False)
+            return code.values, code.indices, x_c
         width = selection_width(m) if training else code_width(m)
         values, indices = self.kernels.topk_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, width,
                                                    latent_mask=self.selectable())
-        if m.kind == "batchtopk":
+        if m.batch_selection:
             threshold = self.batchtopk_threshold[...]
             if training:
                 flat = values.astype(jnp.float32).reshape(-1)
@@ -184,26 +193,81 @@ class SparseAutoencoder(nnx.Module):
             indices = jnp.where(keep, indices, EMPTY)
         return values, indices, x_c
 
+    def threshold_code(self, x_c: jax.Array, band: bool) -> Any:
+        """JumpReLU code of the encoder input x_c [B, d_in]: ``threshold_encode`` with ``row_cap``
+        slots (values, indices [B, row_cap]), with the band around each threshold when ``band``."""
+        m = self.config
+        W_enc, b_enc, _ = self._weights()
+        return self.kernels.threshold_encode(x_c.astype(self.compute_dtype), W_enc, b_enc, self.threshold[...],
+                                             m.row_cap, band=m.jumprelu_bandwidth if band else None)
+
+    def threshold_surrogate(self, code: Any, g_recon: jax.Array) -> jax.Array:
+        """A term of value 0 whose gradient w.r.t. the thresholds is their rectangle-kernel
+        pseudo-gradient (``TorchSAE._threshold_grad``): over the band entries (b, i),
+        -(1/eps) (theta_i dL/dv_bi + l0_coef / B), dL/dv_bi = g_recon[b] . W_dec[i] (g_recon [B, d_out])."""
+        m = self.config
+        band = code.band_indices
+        W_dec = jax.lax.stop_gradient(self.W_dec[...])
+        _, gather_dot = jax.vjp(lambda v: self.kernels.sparse_decode(v, band, W_dec), jnp.zeros(band.shape, jnp.float32))
+        (dv,) = gather_dot(jax.lax.stop_gradient(g_recon))
+        theta = self.threshold[...][jnp.maximum(band, 0)]
+        coeff = -(jax.lax.stop_gradient(theta) * dv + m.l0_coef / band.shape[0]) / m.jumprelu_bandwidth
+        term = jnp.sum(jnp.where(band >= 0, jax.lax.stop_gradient(coeff) * theta, 0.0))
+        return term - jax.lax.stop_gradient(term)
+
     def decode(self, values: jax.Array, indices: jax.Array, xn: jax.Array) -> jax.Array:
         """Code values/indices [B, w] (and normalised input xn [B, d_in]) -> the prediction in the
         normalised target space, fp32 [B, d_out]."""
         _, _, W_dec = self._weights()
-        out = self.kernels.sparse_decode(values.astype(W_dec.dtype), indices, W_dec).astype(jnp.float32) + self.b_dec[...]
+        return self._finish(self.kernels.sparse_decode(values.astype(W_dec.dtype), indices, W_dec), xn)
+
+    def _finish(self, decoded: jax.Array, xn: jax.Array) -> jax.Array:
+        """decoded [..., B, d_out] as fp32, plus b_dec (and the skip connection of xn [B, d_in])."""
+        out = decoded.astype(jnp.float32) + self.b_dec[...]
         if self.W_skip is not None:
             out = out + xn @ self.W_skip[...].T
         return out
+
+    def prefix_predictions(self, values: jax.Array, indices: jax.Array, xn: jax.Array) -> jax.Array:
+        """The prediction of every Matryoshka prefix from a code [B, w], in the normalised target
+        space (one ``prefix_decode`` pass). -> fp32 [G, B, d_out]."""
+        _, _, W_dec = self._weights()
+        parts = self.kernels.prefix_decode(values.astype(W_dec.dtype), indices, W_dec, tuple(self.config.prefixes))
+        return self._finish(parts, xn)
+
+    def reconstruction_loss(self, values: jax.Array, indices: jax.Array, xn: jax.Array, yn: jax.Array,
+                            total_variance: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The main reconstruction term of a code [B, w]: (its loss, the FVU of the whole
+        prediction, that prediction's error [B, d_out]); Matryoshka: the weighted FVUs of every prefix."""
+        if not self.config.is_matryoshka:
+            error = self.decode(values, indices, xn) - yn
+            fvu = jnp.sum(error**2) / total_variance
+            return fvu, fvu, error
+        errors = self.prefix_predictions(values, indices, xn) - yn
+        fvus = [jnp.sum(e**2) / total_variance for e in errors]
+        loss = sum(w * f for w, f in zip(matryoshka_loss_weights(self.config), fvus))
+        return loss, fvus[-1], errors[-1]
 
     def loss(self, xn: jax.Array, yn: jax.Array, aux_active: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Training loss on normalised xn [B, d_in], yn [B, d_out]: FVU (+ MULTI_TOPK_WEIGHT * Multi-TopK)
         (+ aux_coef * AuxK). -> (loss, {fvu, aux_loss, the main code values/indices [B, k],
         code_indices: every latent of any code this step, [B, *]})."""
         m = self.config
-        values, indices, x_c = self.encode(xn, training=True)
+        code = None
+        if m.kind == "jumprelu":
+            x_c = xn if m.is_transcoder else xn - self.b_dec[...]
+            code = self.threshold_code(x_c, band=True)
+            values, indices = code.values, code.indices
+        else:
+            values, indices, x_c = self.encode(xn, training=True)
         main_v, main_i = (values[:, : m.k], indices[:, : m.k]) if m.multi_topk else (values, indices)
-        error = self.decode(main_v, main_i, xn) - yn
         total_variance = jnp.sum((yn - yn.mean(axis=0)) ** 2)
-        fvu = jnp.sum(error**2) / total_variance
-        loss = fvu
+        loss, fvu, error = self.reconstruction_loss(main_v, main_i, xn, yn, total_variance)
+        overflow = jnp.zeros((), jnp.float32)
+        if code is not None:  # JumpReLU: the L0 penalty (exact counts) and the thresholds' pseudo-gradient
+            loss = loss + m.l0_coef * jnp.mean(code.counts.astype(jnp.float32))
+            loss = loss + self.threshold_surrogate(code, error * (2 / total_variance))
+            overflow = jnp.mean(code.overflow.astype(jnp.float32))
         if m.multi_topk:
             loss = loss + jnp.sum((self.decode(values, indices, xn) - yn) ** 2) / total_variance * MULTI_TOPK_WEIGHT
         aux_loss = jnp.zeros((), jnp.float32)
@@ -221,7 +285,8 @@ class SparseAutoencoder(nnx.Module):
             aux_loss = jnp.any(dead) * jnp.sum((aux_recon - residual) ** 2) / residual_variance
             loss = loss + m.aux_coef * aux_loss
             code_indices = jnp.concatenate([indices, aux_i], axis=1)
-        aux = {"fvu": fvu, "aux_loss": aux_loss, "values": main_v, "indices": main_i, "code_indices": code_indices}
+        aux = {"fvu": fvu, "aux_loss": aux_loss, "values": main_v, "indices": main_i, "code_indices": code_indices,
+               "overflow": overflow}
         return loss, aux
 
     # -- the unit-norm decoder and the statistics ----------------------------------------------
@@ -311,9 +376,11 @@ def _train_step(
         updates, opt_state = tx.update(grads, opt_state, params)
     model.set_params(optax.apply_updates(params, optax.tree.scale(-lr, updates)))
     model.renormalize_decoder(touched)
+    if model.threshold is not None:  # JumpReLU thresholds stay >= 0, as in the PyTorch backend
+        model.threshold[...] = jnp.maximum(model.threshold[...], 0.0)
     model.track_firing(aux["values"], aux["indices"], x.shape[0])
     l0 = jnp.mean(jnp.sum(aux["values"] > 0, axis=1).astype(jnp.float32))
-    metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0}
+    metrics = {"loss": loss, "fvu": aux["fvu"], "aux_loss": aux["aux_loss"], "l0": l0, "overflow": aux["overflow"]}
     return nnx.state(model), opt_state, metrics
 
 
@@ -323,8 +390,11 @@ def _hashable(cls: type) -> type:
 
 
 def _static(config: Any) -> Any:
-    """A copy of a config dataclass that hashes by value (static data of compiled functions)."""
-    return _hashable(type(config))(**dataclasses.asdict(config))
+    """A copy of a config dataclass that hashes by value (static data of compiled functions;
+    list fields become tuples)."""
+    fields = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in dataclasses.asdict(config).items()}
+    return _hashable(type(config))(**fields)
 
 
 def _device_precision(requested: str) -> str:
@@ -454,7 +524,7 @@ class JaxSAE:
         return self.train_step_arrays(xj, xj if y is x else self._in(y), lr)
 
     def train_step_arrays(self, xj: jax.Array, yj: jax.Array, lr: float) -> dict[str, jax.Array]:
-        """``train_step`` on JAX arrays, which may be sharded over a mesh (see ``shard_batch``)."""
+        """``train_step`` on JAX arrays, which may be sharded over a mesh (a batch laid out over a mesh axis trains data-parallel)."""
         if xj.sharding != self._placed_for:
             self.state, self.opt_state = self.layout.place_state((self.state, self.opt_state), xj)
             self._placed_for = xj.sharding
@@ -561,9 +631,3 @@ class JaxSAE:
             return pad_to_rows(a, self.rows) if is_row_param(key) else a
 
         self.load_state_arrays({key: j(key) for key in self.state_arrays()}, adam_count, aux_active)
-
-
-def shard_batch(batch: jax.Array, mesh: jax.sharding.Mesh, axis: str = "data") -> jax.Array:
-    """Lay a batch's rows out over a mesh axis (data parallelism)."""
-    spec = jax.sharding.PartitionSpec(axis, None)
-    return jax.device_put(batch, jax.sharding.NamedSharding(mesh, spec))

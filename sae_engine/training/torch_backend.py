@@ -9,7 +9,13 @@ Losses: FVU (squared error over the target's total variance); AuxK on dead laten
 the residual with the top ``k_aux`` dead latents, Gao et al. 2024; zero when none is dead);
 optional Multi-TopK at 4k. Code widths, constants and the rest of the contract:
 ``sae_engine.training.backend``. BatchTopK keeps the top B*k pre-activations of the batch,
-chosen among each row's top ``row_cap`` candidates, so no [B, n] tensor is built.
+chosen among each row's top ``row_cap`` candidates, so no [B, n] tensor is built. Matryoshka
+models decode every prefix of the dictionary in one ``sae_kernels.prefix_decode`` pass
+([G, B, d_out]) and differentiate it with ``prefix_decode_backward``; a process holding the
+latent rows [lo, hi) decodes its part of each prefix (``backend.local_prefixes``), and the
+parts are summed over the latent rows like the plain partial reconstructions. JumpReLU codes
+come from ``sae_kernels.threshold_encode`` over this process's rows (its own active latents),
+with the band around each threshold for the threshold's pseudo-gradient (``_threshold_grad``).
 
 The backward is written out by hand from ``sae_kernels`` primitives, so weight gradients come
 out row-sparse (only the rows a batch touched) and both optimizer modes share one code path.
@@ -30,8 +36,9 @@ import sae_kernels
 from sae_kernels import EMPTY, RowSparseGrad
 
 from ..config import RunConfig
-from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, LAYER_NORM_EPS, MULTI_TOPK_WEIGHT,
-                      ROW_NORM_FLOOR, code_width, latent_fractions, selection_width)
+from .backend import (AUX_VARIANCE_FLOOR, BATCHTOPK_THRESHOLD_RATE, JUMPRELU_INIT_THRESHOLD, LAYER_NORM_EPS,
+                      MULTI_TOPK_WEIGHT, ROW_NORM_FLOOR, code_width, latent_fractions, local_prefixes,
+                      matryoshka_loss_weights, selection_width)
 from .init import geometric_median, initial_weights, layer_normalize, mean_squared_norm_scale
 from .optim import Adam
 from .precision import resolve_precision
@@ -44,6 +51,45 @@ def _pad_to(t: torch.Tensor, width: int, value: float | int) -> torch.Tensor:
     if t.shape[1] == width:
         return t
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+class PrefixMap:
+    """The Matryoshka prefixes of a holder of latent rows [lo, hi) (``backend.local_prefixes``):
+    its own ``prefix_decode`` boundaries and how its G' partial reconstructions map onto the
+    model's G prefixes (identity when it holds every latent)."""
+
+    def __init__(self, prefixes: list[int], lo: int, hi: int) -> None:
+        self.local, self.group_map = local_prefixes(prefixes, lo, hi)
+        self.identity = self.group_map == list(range(len(self.local)))
+
+    def expand(self, part: torch.Tensor) -> torch.Tensor:
+        """part [G', B, d] of the local prefixes -> [G, B, d] of the model's (zeros where the
+        prefix holds none of these rows)."""
+        if self.identity:
+            return part
+        index = torch.tensor(self.group_map, device=part.device) + 1
+        return torch.cat([part.new_zeros((1,) + part.shape[1:]), part]).index_select(0, index)
+
+    def contract(self, grad: torch.Tensor) -> torch.Tensor:
+        """A cotangent [G, B, d] of the model's prefixes -> [G', B, d] of the local ones (``expand``'s transpose)."""
+        if self.identity:
+            return grad
+        index = torch.tensor(self.group_map, device=grad.device)
+        keep = index >= 0
+        out = grad.new_zeros((len(self.local),) + grad.shape[1:])
+        return out.index_add_(0, index[keep], grad[keep])
+
+    def whole(self, grad: torch.Tensor) -> torch.Tensor:
+        """A cotangent [B, d] of the whole reconstruction as one [G', B, d] of the local prefixes
+        (on the last: the suffix sum gives it to every latent)."""
+        out = grad.new_zeros((len(self.local),) + grad.shape)
+        out[-1] = grad
+        return out
+
+
+def _kernel_impl(device: torch.device) -> str:
+    """The ``sae_kernels`` implementation ``impl="auto"`` picks on ``device``, for its raw ops."""
+    return "triton" if device.type == "cuda" else "chunked"
 
 
 def _stack_codes(codes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +213,8 @@ class TorchSAE:
         }
         if m.skip_connection:
             self.params["W_skip"] = torch.zeros(d_out, d_in)
+        if m.kind == "jumprelu":
+            self.params["threshold"] = torch.full((self.n_rows,), JUMPRELU_INIT_THRESHOLD)
         self.params = {name: p.to(device) for name, p in self.params.items()}
         self.buffers: dict[str, torch.Tensor] = {
             # Tokens since each latent last fired; the last slot absorbs empty and zero-valued slots.
@@ -177,6 +225,7 @@ class TorchSAE:
             "batchtopk_threshold": torch.zeros((), device=device),
         }
         self.optimizer = Adam(self.params, config.train.adam_b1, config.train.adam_b2, config.train.adam_eps)
+        self.prefix_map = PrefixMap(m.prefixes, self.split.lo, self.split.hi) if m.is_matryoshka else None
         self._dense_grads: dict[str, torch.Tensor] = {}
         # Whether any latent may be dead: refreshed by the loop at log steps (no latent can be
         # dead before dead_tokens have passed), so steps without dead latents skip AuxK entirely.
@@ -252,18 +301,60 @@ class TorchSAE:
         w = ``selection_width`` in training (the Multi-TopK code's first k slots are the main
         code), ``code_width`` at inference."""
         m = self.config.model
+        if m.kind == "jumprelu":
+            code = self._threshold_code(x_c, W_enc, b_enc, band=False)
+            return code.values, code.indices
         width = selection_width(m) if training else code_width(m)
         values, indices = self.split.select(x_c.to(self.compute_dtype), W_enc, b_enc, width)
-        if m.kind == "batchtopk":
+        if m.batch_selection:
             values, indices = self._batch_topk(values, indices, training)
         return values, indices
 
+    def _threshold_code(self, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                        band: bool) -> sae_kernels.ThresholdCode:
+        """JumpReLU code of this process's rows: ``threshold_encode`` with ``row_cap`` slots, its
+        values and indices [B, row_cap] with global indices; band (training): also the band of
+        width ``jumprelu_bandwidth`` around each threshold, its indices [B, row_cap] local rows."""
+        m = self.config.model
+        code = sae_kernels.threshold_encode(x_c.to(self.compute_dtype), W_enc, b_enc, self.params["threshold"],
+                                            m.row_cap, band=m.jumprelu_bandwidth if band else None)
+        if self.split.lo:
+            code = code._replace(indices=torch.where(code.indices >= 0, code.indices + self.split.lo, EMPTY))
+        return code
+
+    def _threshold_grad(self, code: sae_kernels.ThresholdCode, g_recon: torch.Tensor,
+                        batch: torch.Tensor) -> torch.Tensor:
+        """The rectangle-kernel pseudo-gradient of the loss w.r.t. this process's thresholds [r]:
+        over the band entries (b, i), -(1/eps) (theta_i dL/dv_bi + l0_coef / N), with
+        dL/dv_bi = g_recon[b] . W_dec[i] (g_recon [B, d_out]: the gradient w.r.t. the
+        prediction) and N = ``batch``, the whole batch's rows (0-d)."""
+        m = self.config.model
+        W_dec = self.params["W_dec"]
+        band = code.band_indices
+        dv = torch.ops.sae_kernels.gather_dot(g_recon.contiguous(), band, W_dec, _kernel_impl(W_dec.device))  # [B, w]
+        live = band >= 0
+        theta = self.params["threshold"][band.clamp_min(0)]
+        coeff = (theta * dv + m.l0_coef / batch) * (-1.0 / m.jumprelu_bandwidth)
+        return torch.zeros_like(self.params["threshold"]).index_add_(0, band[live], coeff[live])
+
     def _decode(self, values, indices, W_dec, xn) -> torch.Tensor:
         """Prediction in the normalised target space. -> [B, d_out] fp32."""
-        out = self.split.decode_sum(values.to(W_dec.dtype), indices, W_dec) + self.params["b_dec"]
+        return self._finish(self.split.decode_sum(values.to(W_dec.dtype), indices, W_dec), xn)
+
+    def _finish(self, decoded: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        """decoded [..., B, d_out] plus b_dec (and the skip connection of xn [B, d_in])."""
+        out = decoded + self.params["b_dec"]
         if "W_skip" in self.params:
             out = out + xn @ self.params["W_skip"].T
         return out
+
+    def _prefix_predictions(self, values, indices, W_dec, xn) -> torch.Tensor:
+        """The prediction of every Matryoshka prefix from a code [B, w] with global indices, in
+        the normalised target space: one ``prefix_decode`` of this process's rows, summed over
+        the latent rows. -> [G, B, d_out] fp32 (the last: ``_decode``'s)."""
+        pm = self.prefix_map
+        part = sae_kernels.prefix_decode(values.to(W_dec.dtype), self.split.owned(indices), W_dec, pm.local)
+        return self._finish(self.split.latent_sum(pm.expand(part.float())), xn)
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -307,8 +398,14 @@ class TorchSAE:
         total_variance = (yn - yn.mean(dim=0)).pow(2).sum()
         return {
             "eval_fvu": ((recon - yn).pow(2).sum() / total_variance).item(),
-            "eval_l0": (values > 0).sum(dim=1).float().mean().item(),
+            "eval_l0": self._row_l0(values).mean().item(),
         }
+
+    def _row_l0(self, values: torch.Tensor) -> torch.Tensor:
+        """Active latents of each row of a code [B, w] of the whole model. -> [B] fp32 (a JumpReLU
+        code split over latent rows holds each process's own latents: summed over them)."""
+        l0 = (values > 0).sum(dim=1).float()
+        return self.split.latent_sum(l0) if self.config.model.kind == "jumprelu" else l0
 
     # -- the training step -----------------------------------------------------------------------
 
@@ -338,17 +435,35 @@ class TorchSAE:
         x_c = self._encoder_input(xn)
         W_enc, b_enc, W_dec = self._compute_weights()
 
-        values, indices = self._encode(x_c, W_enc, b_enc, training=True)
+        code = None
+        if m.kind == "jumprelu":
+            code = self._threshold_code(x_c, W_enc, b_enc, band=True)
+            values, indices = code.values, code.indices
+        else:
+            values, indices = self._encode(x_c, W_enc, b_enc, training=True)
         main_values, main_indices = (values[:, :k], indices[:, :k]) if m.multi_topk else (values, indices)
-        recon = self._decode(main_values, main_indices, W_dec, xn)
-        error = recon - yn
         total_variance = self.split.total_variance(yn)
-        fvu = self.split.batch_sum(error.pow(2)) / total_variance
-        loss = fvu
-
-        # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code).
-        g_recon = error * (2 / total_variance)
+        # Gradients of each reconstruction term w.r.t. its output: (coefficient source, code);
+        # a Matryoshka model's main term has one per prefix, [G, B, d_out].
+        if m.is_matryoshka:
+            errors = self._prefix_predictions(main_values, main_indices, W_dec, xn) - yn
+            weights = matryoshka_loss_weights(m)
+            fvus = [self.split.batch_sum(e.pow(2)) / total_variance for e in errors]
+            loss = sum(w * f for w, f in zip(weights, fvus))
+            error, fvu = errors[-1], fvus[-1]
+            scale = torch.tensor(weights, device=self.device).mul_(2).view(-1, 1, 1)
+            g_recon = errors * (scale / total_variance)
+        else:
+            error = self._decode(main_values, main_indices, W_dec, xn) - yn
+            fvu = self.split.batch_sum(error.pow(2)) / total_variance
+            loss = fvu
+            g_recon = error * (2 / total_variance)
         dec_terms = [(g_recon, main_values, main_indices, True)]
+        overflow = torch.zeros((), device=self.device)
+        if code is not None:  # JumpReLU: the L0 penalty (exact counts, over the cap too)
+            counts = self.split.latent_sum(code.counts.float())
+            loss = loss + m.l0_coef * self.split.batch_mean(counts)
+            overflow = self.split.batch_mean((self.split.latent_sum(code.overflow.float()) > 0).float())
         if m.multi_topk:
             error_multi = self._decode(values, indices, W_dec, xn) - yn
             loss = loss + self.split.batch_sum(error_multi.pow(2)) / total_variance * MULTI_TOPK_WEIGHT
@@ -371,11 +486,15 @@ class TorchSAE:
 
         own = self.split.owned
         grads = self._backward(xn, x_c, values, own(indices), [(g, v, own(i), shared) for g, v, i, shared in dec_terms])
+        if code is not None:
+            rows = self.split.batch_sum(x.new_ones(x.shape[0], dtype=torch.float32))  # N: the whole batch
+            grads["threshold"] = self._threshold_grad(code, g_recon, rows)
         metrics = {
             "loss": loss,
             "fvu": fvu,
             "aux_loss": aux_loss,
-            "l0": self.split.batch_mean((main_values > 0).sum(dim=1).float()),
+            "l0": self.split.batch_mean(self._row_l0(main_values)),
+            "overflow": overflow,
         }
         return metrics, grads, (main_values, main_indices)
 
@@ -387,22 +506,29 @@ class TorchSAE:
 
         xn, x_c: [B, d_in] the normalised and the encoder input; values, indices: [B, w] the
         shared code (local rows of this process; EMPTY slots are skipped). dec_terms: (gradient
-        w.r.t. the term's output [B, d_out], its values, its indices, whether it reads the shared
-        code). The main and Multi-TopK terms read the shared code (main its first k slots), the
-        AuxK term its own. b_dec's gradient includes the encoder's ``-sum(dx)`` for an SAE.
+        w.r.t. the term's output [B, d_out] (Matryoshka's main term: [G, B, d_out], one per
+        prefix), its values, its indices, whether it reads the shared code). The main and
+        Multi-TopK terms read the shared code (main its first k slots), the AuxK term its own.
+        b_dec's gradient includes the encoder's ``-sum(dx)`` for an SAE. JumpReLU's threshold
+        gradient is ``_threshold_grad``'s.
         """
         B = xn.shape[0]
         grads: Grads = {}
-        # b_dec and W_skip enter the main and Multi-TopK reconstructions, not the AuxK one.
-        g_shared_out = sum(g for g, _, _, shared in dec_terms if shared)
+        # b_dec and W_skip enter the main and Multi-TopK reconstructions (every prefix), not the AuxK one.
+        g_shared_out = sum(g.sum(dim=0) if g.dim() == 3 else g for g, _, _, shared in dec_terms if shared)
         grads["b_dec"] = g_shared_out.sum(dim=0)
         if "W_skip" in self.params:
             grads["W_skip"] = g_shared_out.T @ xn
         # Decoder: all terms stacked along the batch, one gather-dot and one segmented reduction.
         dec_values, dec_indices = _stack_codes([(v, idx) for _, v, idx, _ in dec_terms])
-        sources = torch.cat([g for g, _, _, _ in dec_terms])
         # The backward reads the fp32 master weights: as fast here, and more exact.
-        dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, self.params["W_dec"])
+        if self.prefix_map is None:
+            sources = torch.cat([g for g, _, _, _ in dec_terms])
+            dec = sae_kernels.sparse_decode_backward(sources, dec_values, dec_indices, self.params["W_dec"])
+        else:  # per-prefix cotangents [G', B, d] of this process's prefixes; whole-code terms on the last
+            pm = self.prefix_map
+            sources = torch.cat([pm.contract(g) if g.dim() == 3 else pm.whole(g) for g, _, _, _ in dec_terms], dim=1)
+            dec = sae_kernels.prefix_decode_backward(sources, dec_values, dec_indices, self.params["W_dec"], pm.local)
         grads["W_dec"] = self._remove_parallel(dec.W_dec)
         # Encoder: gradients w.r.t. each code, side by side along k (they share input rows).
         g_shared = torch.zeros(values.shape, device=self.device)
@@ -441,7 +567,8 @@ class TorchSAE:
         # Squared norms of the parameters with a row per latent (summed over the processes that
         # hold the other rows), then of the rest (b_dec, W_skip; every process holds them whole).
         rows = torch.stack([grads["W_enc"].grad.pow(2).sum(), grads["W_enc"].bias_grad.pow(2).sum(),
-                            grads["W_dec"].grad.pow(2).sum()])
+                            grads["W_dec"].grad.pow(2).sum()]
+                           + ([grads["threshold"].pow(2).sum()] if "threshold" in grads else []))
         dense = torch.stack([grads[name].pow(2).sum() for name in ("b_dec", "W_skip") if name in grads])
         norm = torch.cat([self.split.latent_sum(rows), dense]).sum().sqrt()
         return torch.where(norm > bound, bound / norm, torch.ones_like(norm))
@@ -454,6 +581,9 @@ class TorchSAE:
         opt.begin_step()
         enc, dec = grads["W_enc"], grads["W_dec"]
         row_grads = {"W_enc": (enc.rows, enc.grad), "b_enc": (enc.rows, enc.bias_grad), "W_dec": (dec.rows, dec.grad)}
+        if "threshold" in grads:  # JumpReLU: the rows in some band got a pseudo-gradient
+            touched = torch.nonzero(grads["threshold"]).squeeze(1)
+            row_grads["threshold"] = (touched, grads["threshold"][touched])
         dense = {name: grads[name] for name in ("b_dec", "W_skip") if name in grads}
         for name, (rows, g) in row_grads.items():
             g = g * factor if factor is not None else g
@@ -468,6 +598,8 @@ class TorchSAE:
                 if name in dense:
                     dense[name] = dense[name] * factor
         opt.step(dense, lr)
+        if "threshold" in self.params:  # JumpReLU thresholds stay >= 0: active values are then positive
+            self.params["threshold"].clamp_(min=0.0)
         W_dec = self.params["W_dec"]
         if t.optimizer == "row_sparse_adam":
             rows = dec.rows
