@@ -200,7 +200,9 @@ class Trainer:
         while found.path is not None:
             path = found.path
             meta = read_meta(path)
-            if meta["config"]["model"] != self.config.to_dict()["model"]:
+            # Read through the config class, so keys added since the checkpoint take their defaults.
+            stored = RunConfig.from_dict(meta["config"], origin=f"{path / 'meta.json'}").to_dict()["model"]
+            if stored != self.config.to_dict()["model"]:
                 raise ConfigError(f"{path}: the checkpoint's [model] differs from this config; "
                                   "use another train.out_dir or the same model settings")
             imported = "imported_from" in meta  # `sae-engine import`: weights only, fresh optimizer, data from the start
