@@ -100,8 +100,10 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 
 def test_a_second_run_on_a_held_folder_stops_at_once_and_writes_nothing(tmp_path):
     run = tmp_path / "run"
-    overrides = [f"--set={o}" for o in SMALL + ["data.synthetic.tokens=400000", "train.max_tokens=400000",
-                                                 "train.checkpoint_every=500", "train.log_every=10",
+    # The first run is long and checkpoints only when stopped, so whatever appears in the folder
+    # while the second one starts could only come from the second.
+    overrides = [f"--set={o}" for o in SMALL + ["data.synthetic.tokens=50000000", "train.max_tokens=50000000",
+                                                 "train.checkpoint_every=100000000", "train.log_every=10",
                                                  f"train.out_dir='{run}'"]]
     first = _cli("train", *overrides)
     try:
@@ -117,8 +119,8 @@ def test_a_second_run_on_a_held_folder_stops_at_once_and_writes_nothing(tmp_path
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"sae-engine train: error: {run} is in use by another "
                                                        f"training run (process {first.pid})")
-        assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != "metrics.jsonl") == \
-            [p for p in before if p.name != "metrics.jsonl"] or not (run / "checkpoints").exists()
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before == [Path("config.json"), Path("metrics.jsonl")]
+        assert first.poll() is None  # the first run trained on meanwhile
     finally:
         first.send_signal(signal.SIGINT)  # the first run checkpoints and ends
         first.communicate(timeout=120)
