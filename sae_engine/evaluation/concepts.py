@@ -120,15 +120,11 @@ def flat_concepts(path: str | Path, ids: Sequence[str], name: str | None = None)
                       matrix, sp.identity(n, dtype=bool, format="csr"), True, warnings)
 
 
-def go_concepts(annotations: str | Path, ontology_path: str | Path, ids: Sequence[str], relations=("is_a",),
-                name: str = "go") -> ConceptSet:
-    """GO annotations propagated over the ontology (OBO or GO.sqlite), rows aligned to ``ids``.
-
-    Proteins without any annotation are kept (they are outside every background); callers that
-    want only annotated proteins filter on :attr:`ConceptSet.labelled`.
-    """
+def read_go(annotations: str | Path, ontology_path: str | Path, ids: Sequence[str], relations=("is_a",)):
+    """The ontology, the propagated annotation matrix [len(ids), terms] (rows aligned to ``ids``)
+    and the reader's warnings; ConceptError naming a missing or unreadable file."""
     from ..go.annotations import AnnotationError, CountedWarnings, annotation_matrix, read_annotations
-    from ..go.ontology import NAMESPACES, OntologyError, load_ontology
+    from ..go.ontology import OntologyError, load_ontology
 
     for path, what in ((annotations, "annotations"), (ontology_path, "ontology")):
         if not Path(path).exists():
@@ -140,8 +136,21 @@ def go_concepts(annotations: str | Path, ontology_path: str | Path, ids: Sequenc
                                    relations).matrix
     except (OntologyError, AnnotationError) as error:
         raise ConceptError(str(error)) from error
+    return ontology, matrix, warnings.messages()
+
+
+def go_concepts(annotations: str | Path, ontology_path: str | Path, ids: Sequence[str], relations=("is_a",),
+                name: str = "go") -> ConceptSet:
+    """GO annotations propagated over the ontology (OBO or GO.sqlite), rows aligned to ``ids``.
+
+    Proteins without any annotation are kept (they are outside every background); callers that
+    want only annotated proteins filter on :attr:`ConceptSet.labelled`.
+    """
+    from ..go.ontology import NAMESPACES
+
+    ontology, matrix, warnings = read_go(annotations, ontology_path, ids, relations)
     return ConceptSet(name, list(ontology.ids), list(ontology.names), np.asarray(ontology.namespace), NAMESPACES,
-                      matrix.tocsr(), ontology.ancestor_matrix(relations).tocsr(), False, tuple(warnings.messages()))
+                      matrix.tocsr(), ontology.ancestor_matrix(relations).tocsr(), False, tuple(warnings))
 
 
 def from_go_labels(labels, name: str = "go") -> ConceptSet:

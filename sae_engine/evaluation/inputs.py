@@ -103,24 +103,17 @@ def load_sequences(fastas: Iterable[Path], ids: Sequence[str]) -> list[str]:
 
 def load_labels(annotations: Path, ontology_path: Path, ids: Sequence[str], relations=("is_a",)) -> GoLabels:
     """Read the ontology and annotations; proteins without any GO annotation are an error."""
-    from ..go.annotations import AnnotationError, CountedWarnings, annotation_matrix, read_annotations
-    from ..go.ontology import OntologyError, load_ontology
+    from .concepts import ConceptError, read_go
 
-    for path, what in ((annotations, "annotations"), (ontology_path, "ontology")):
-        if not Path(path).exists():
-            raise EvaluationInputError(f"{what} file {path} does not exist")
-    warnings = CountedWarnings()
     try:
-        ontology = load_ontology(ontology_path)
-        matrix = annotation_matrix(read_annotations(annotations, ontology, warnings), ontology, list(ids),
-                                   relations).matrix
-    except (OntologyError, AnnotationError) as error:
+        ontology, matrix, warnings = read_go(annotations, ontology_path, ids, relations)
+    except ConceptError as error:
         raise EvaluationInputError(str(error)) from error
     bare = np.flatnonzero(matrix.getnnz(axis=1) == 0)
     if bare.size:
         raise EvaluationInputError(f"{bare.size} of {len(ids)} proteins have no GO annotation in {annotations} "
                                    f"(first: {[ids[i] for i in bare[:5]]}); evaluate annotated proteins only")
-    return GoLabels(ontology, matrix.tocsr(), ontology.ancestor_matrix(relations), warnings.messages())
+    return GoLabels(ontology, matrix.tocsr(), ontology.ancestor_matrix(relations), warnings)
 
 
 def load_random_directions(store: Path, layer: int, ids: Sequence[str], seed: int) -> sp.csr_matrix:
